@@ -1,0 +1,334 @@
+"""LLMEngine: requests in, RequestOutputs out; one `step()` = schedule, run, sample, detokenize."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jpaged.config import EngineConfig
+from jpaged.detokenizer import IncrementalDetokenizer
+from jpaged.kv_pool import (
+    allocate_kv_pool,
+    device_kv_budget,
+    kv_bytes_per_block,
+    num_blocks_for_budget,
+)
+from jpaged.model_runner import ModelRunner, StepSeq, all_step_shapes
+from jpaged.outputs import Logprob, RequestMetrics, RequestOutput
+from jpaged.request import RequestState, SampleTrack
+from jpaged.sampler import SamplingRow
+from jpaged.sampling_params import SamplingParams
+from jpaged.scheduler import Scheduler
+from jpaged.sequence import Sequence as Seq
+from jpaged.tokenizer import Tokenizer
+from jpaged.weights import iter_safetensors, load_model
+from models.config import LlamaConfig
+from models.llama import Llama, llama_from_hf_tensors
+
+logger = logging.getLogger("jpaged")
+
+CPU_DEFAULT_KV_BYTES = 4 << 30  # like vLLM's CPU default KV space (4 GiB)
+PromptType = str | list[int] | dict[str, Any]
+
+
+@dataclasses.dataclass(slots=True)
+class EngineStats:
+    num_steps: int = 0
+    num_compilations: int = 0
+    num_preemptions: int = 0
+    num_blocks: int = 0
+    block_size: int = 0
+    blocks_in_use: int = 0
+    peak_blocks_in_use: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    load_time_s: float = 0.0
+    warmup_time_s: float = 0.0
+
+
+def enable_compile_cache() -> None:
+    """Turn on JAX's persistent compilation cache in jpaged's cache dir (small programs too)."""
+    from jpaged.paths import xla_cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(xla_cache_dir()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model and one KV pool."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        model: Llama | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        """Load the model (or take a prebuilt `model` + `tokenizer`), size and allocate the pool."""
+        t0 = time.perf_counter()
+        self.config = config
+        if config.enable_compile_cache:
+            enable_compile_cache()
+        dtype = jnp.dtype(config.jax_dtype())
+        if model is None:
+            loaded = load_model(config.model)
+            model = llama_from_hf_tensors(loaded.config, iter_safetensors(loaded.model_dir), dtype)
+            tokenizer = loaded.tokenizer
+        if tokenizer is None:
+            raise ValueError("tokenizer is required when a prebuilt model is given")
+        self.tokenizer = tokenizer
+        self.model_config: LlamaConfig = model.config
+        mc = self.model_config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
+        kv_dtype = jnp.dtype(config.jax_kv_dtype())
+        num_blocks = self._num_blocks(model, kv_dtype)
+        kv_pool = allocate_kv_pool(mc, num_blocks, config.block_size, kv_dtype)
+        self.runner = ModelRunner(
+            model, kv_pool, block_size=config.block_size, max_model_len=self.max_model_len
+        )
+        self.scheduler = Scheduler(
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
+        self.eos_token_ids = frozenset(mc.eos_token_ids) | (
+            {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        )
+        self.requests: dict[str, RequestState] = {}
+        self._seq_request: dict[int, tuple[RequestState, SampleTrack]] = {}
+        self._rng = random.Random(config.seed)
+        self._next_seq_id = 0
+        self._arrival = 0
+        self.stats = EngineStats(num_blocks=num_blocks, block_size=config.block_size)
+        self.stats.load_time_s = time.perf_counter() - t0
+        logger.info(
+            "KV pool: %d blocks of %d tokens (%d tokens, %.1f MiB, %s); load %.2fs",
+            num_blocks, config.block_size, num_blocks * config.block_size,
+            num_blocks * kv_bytes_per_block(mc, config.block_size, kv_dtype) / 2**20, kv_dtype,
+            self.stats.load_time_s,
+        )  # fmt: skip
+        if config.warmup != "none":
+            shapes = all_step_shapes(config.max_num_seqs, self.max_num_batched_tokens)
+            if config.warmup == "decode":
+                shapes = [s for s in shapes if s.num_queries == 1]
+            self.stats.warmup_time_s = self.runner.warmup(shapes)
+            logger.info("compiled %d step shapes in %.2fs", len(shapes), self.stats.warmup_time_s)
+
+    def _num_blocks(self, model: Llama, kv_dtype: jnp.dtype) -> int:
+        c = self.config
+        if c.num_blocks is not None:
+            return c.num_blocks
+        budget = c.kv_cache_memory
+        if budget is None:
+            weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
+            budget = device_kv_budget(weight_bytes, 0, c.gpu_memory_utilization)
+            if budget is None:
+                budget = CPU_DEFAULT_KV_BYTES
+            # never more blocks than max_num_seqs full-length sequences need
+            per_block = kv_bytes_per_block(self.model_config, c.block_size, kv_dtype)
+            cap = (c.max_num_seqs * -(-self.max_model_len // c.block_size) + 1) * per_block
+            budget = min(budget, cap)
+        return num_blocks_for_budget(self.model_config, c.block_size, kv_dtype, budget)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """Accepts text, token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."}."""
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self.tokenize_prompt(prompt["prompt"])
+            raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, list | tuple):
+            return None, self._check_ids(prompt)
+        raise ValueError(
+            f"prompt must be a string, token ids or a dict, got {type(prompt).__name__}"
+        )
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        vocab = self.model_config.vocab_size
+        ids = list(ids)
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"prompt_token_ids must be ints in [0, {vocab}), got {t!r}")
+        return ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request. ValueError if it can never fit (context or pool), or the id is taken."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}"
+            )
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
+        tracks = [
+            SampleTrack(
+                index=i,
+                seed=(base_seed + i * 0x9E3779B1) & 0xFFFFFFFF,
+                detokenizer=IncrementalDetokenizer(
+                    self.tokenizer.hf,
+                    ids,
+                    params.skip_special_tokens,
+                    params.spaces_between_special_tokens,
+                ),
+                logprobs=[] if params.logprobs is not None else None,
+            )
+            for i in range(params.n)
+        ]
+        state = RequestState(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=ids,
+            params=params,
+            max_tokens=max_tokens,
+            eos_token_ids=self.eos_token_ids,
+            tracks=tracks,
+            metrics=RequestMetrics(arrival_time=arrival_time or time.time()),
+        )
+        seq = Seq(
+            seq_id=self._new_seq_id(),
+            request_id=request_id,
+            token_ids=list(ids),
+            num_prompt_tokens=len(ids),
+            n=params.n,
+            arrival=self._arrival,
+        )
+        self.scheduler.add_seq(seq)  # raises ValueError when the pool can never hold it
+        self._arrival += 1
+        self.requests[request_id] = state
+        self._seq_request[seq.seq_id] = (state, tracks[0])
+        self.stats.prompt_tokens += len(ids)
+
+    def _new_seq_id(self) -> int:
+        self._next_seq_id += 1
+        return self._next_seq_id
+
+    def abort_request(self, request_id: str | Sequence[str]) -> None:
+        """Stop requests now; their blocks are freed at once. Unknown ids are ignored."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            state = self.requests.pop(rid, None)
+            if state is None:
+                continue
+            for sid in self.scheduler.abort_request(rid):
+                self._seq_request.pop(sid, None)
+            for track in state.tracks:
+                if track.finish_reason is None:
+                    track.finish_reason = "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; returns the (cumulative) output of every request it touched."""
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        seqs, rows, row_seq, row_ids = [], [], [], []
+        for i, s in enumerate(out.scheduled):
+            seqs.append(StepSeq(s.token_ids, s.start_position, s.block_table))
+            for sid in s.sample_seq_ids:
+                rows.append(self._sampling_row(sid))
+                row_seq.append(i)
+                row_ids.append(sid)
+        result = self.runner.execute(seqs, rows, row_seq, out.block_copies)
+        self.scheduler.postprocess(out, dict(zip(row_ids, result.token_ids, strict=True)))
+        touched: dict[str, RequestState] = {}
+        for r, sid in enumerate(row_ids):
+            state, track = self._seq_request[sid]
+            top = (
+                self._logprob_dict(result, r, state.params.logprobs)
+                if track.logprobs is not None
+                else None
+            )
+            done = state.append_token(track, result.token_ids[r], result.logprobs[r], top)
+            self.stats.generation_tokens += 1
+            touched[state.request_id] = state
+            if done:
+                self.scheduler.finish_seq(sid)
+                del self._seq_request[sid]
+        for state in touched.values():
+            if state.finished:
+                del self.requests[state.request_id]
+        self._update_stats()
+        return [s.to_output() for s in touched.values()]
+
+    def _sampling_row(self, seq_id: int) -> SamplingRow:
+        seq = self.scheduler.get_seq(seq_id)
+        if seq_id not in self._seq_request:  # a child just forked from its request's parent
+            state = self.requests[seq.request_id]
+            self._seq_request[seq_id] = (state, state.tracks[seq.sample_index])
+        state, track = self._seq_request[seq_id]
+        p = state.params
+        penalties = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+        return SamplingRow(
+            params=p,
+            seed=track.seed,
+            step=seq.num_output_tokens,
+            prompt_token_ids=state.prompt_token_ids if penalties else (),
+            output_token_ids=seq.output_token_ids if penalties else (),
+        )
+
+    def _logprob_dict(self, result: Any, row: int, k: int | None) -> dict[int, Logprob]:
+        chosen = result.token_ids[row]
+        d: dict[int, Logprob] = {}
+        if result.top_token_ids is not None:
+            for rank, (tid, lp) in enumerate(
+                zip(result.top_token_ids[row], result.top_logprobs[row], strict=True)
+            ):
+                if rank >= (k or 0):
+                    break
+                d[int(tid)] = Logprob(
+                    float(lp),
+                    rank + 1,
+                    self.tokenizer.decode([int(tid)], skip_special_tokens=False),
+                )
+        if chosen not in d:
+            d[chosen] = Logprob(
+                result.logprobs[row],
+                None,
+                self.tokenizer.decode([chosen], skip_special_tokens=False),
+            )
+        return d
+
+    def _update_stats(self) -> None:
+        s = self.stats
+        s.num_steps = self.runner.num_steps
+        s.num_compilations = self.runner.num_compilations
+        sched = self.scheduler.stats
+        s.num_preemptions = sched.num_preemptions
+        s.blocks_in_use = sched.blocks_in_use
+        s.peak_blocks_in_use = max(s.peak_blocks_in_use, sched.blocks_in_use)

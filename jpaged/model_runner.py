@@ -1,0 +1,220 @@
+"""ModelRunner: pads a scheduled step into bucketed arrays and runs one jitted device step.
+
+Step shapes are powers of two: T (tokens), S (sequences), Q (query slots per sequence),
+R (sampling rows), C (block copies). The block-table width W is fixed at
+ceil(max_model_len / block_size); attention loops only over the columns in use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jpaged.sampler import SamplingRow, build_sampling_tensors, sample
+from models.llama import Llama, ModelBatch
+
+logger = logging.getLogger(__name__)
+
+MIN_TOKEN_BUCKET = 8
+NUM_TOP_LOGPROBS = 20  # top-k logprobs computed when any row asks (vLLM's max is 20)
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepShape:
+    num_tokens: int  # T
+    num_seqs: int  # S
+    num_queries: int  # Q
+    num_rows: int  # R
+
+
+@dataclasses.dataclass(slots=True)
+class StepSeq:
+    """One sequence's share of a step (plain data, copied from the scheduler's output)."""
+
+    token_ids: Sequence[int]  # tokens whose K/V are computed this step
+    start_position: int
+    block_table: Sequence[int]
+
+
+@dataclasses.dataclass(slots=True)
+class ModelRunnerOutput:
+    token_ids: list[int]  # [R] sampled ids, one per sampling row
+    logprobs: list[float]  # [R] raw logprob of each sampled id
+    top_token_ids: np.ndarray | None  # [R, K] when logprobs were asked for
+    top_logprobs: np.ndarray | None  # [R, K]
+
+
+def step_shape(seqs: Sequence[StepSeq], num_rows: int) -> StepShape:
+    """The bucketed shape of a step; the one function that decides padding."""
+    num_tokens = sum(len(s.token_ids) for s in seqs)
+    max_q = max(len(s.token_ids) for s in seqs)
+    num_seqs = bucket(len(seqs))
+    return StepShape(
+        num_tokens=bucket(num_tokens, MIN_TOKEN_BUCKET),
+        num_seqs=num_seqs,
+        num_queries=bucket(max_q),
+        num_rows=max(num_seqs, bucket(num_rows)),
+    )
+
+
+def all_step_shapes(max_num_seqs: int, max_num_batched_tokens: int) -> list[StepShape]:
+    """Every shape `step_shape` can return for single-sample rows (the warm-up set)."""
+
+    def lower(b: int) -> int:  # smallest real count whose bucket is b
+        return 1 if b <= MIN_TOKEN_BUCKET else b // 2 + 1
+
+    shapes = []
+    t = MIN_TOKEN_BUCKET
+    while lower(t) <= max_num_batched_tokens:
+        s = 1
+        while s // 2 + 1 <= min(max_num_seqs, t):
+            q = 1
+            while q // 2 + 1 <= t:
+                lo = max(lower(t), s // 2 + 1, q // 2 + 1)
+                hi = min(t, max_num_batched_tokens, min(s, max_num_seqs) * q)
+                if lo <= hi:
+                    shapes.append(StepShape(t, s, q, s))
+                q *= 2
+            s *= 2
+        t *= 2
+    return shapes
+
+
+class ModelRunner:
+    """Owns the weights, the KV pool and the jitted step function."""
+
+    def __init__(
+        self,
+        model: Llama,
+        kv_pool: jax.Array,
+        *,
+        block_size: int,
+        max_model_len: int,
+    ) -> None:
+        self.graphdef, self.state = nnx.split(model)
+        self.kv_pool = kv_pool
+        self.block_size = block_size
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.vocab_size = model.config.vocab_size
+        self._step = jax.jit(self._step_fn, static_argnums=(5,), donate_argnums=(1,))
+        self.num_steps = 0
+
+    @property
+    def num_compilations(self) -> int:
+        """Distinct step programs traced so far (one per bucket shape used)."""
+        return self._step._cache_size()
+
+    def _step_fn(self, state, kv_pool, batch, copies, sampling, num_logprobs):  # noqa: ANN001, ANN202
+        model = nnx.merge(self.graphdef, state)
+        if copies.shape[0]:  # copy-on-write: [C, 2] (src, dst) block ids, padding (0, 0)
+            kv_pool = kv_pool.at[:, copies[:, 1]].set(kv_pool[:, copies[:, 0]])
+        logits, kv_pool = model(kv_pool, batch)
+        return kv_pool, sample(logits, sampling, num_logprobs)
+
+    def build_batch(
+        self, seqs: Sequence[StepSeq], row_seq: Sequence[int], shape: StepShape
+    ) -> ModelBatch:
+        """Pad a step into numpy arrays of `shape` (host side, O(tokens) numpy work)."""
+        n = len(seqs)
+        T, S, Q, R = shape.num_tokens, shape.num_seqs, shape.num_queries, shape.num_rows
+        lens = np.fromiter((len(s.token_ids) for s in seqs), np.int32, n)
+        starts = np.fromiter((s.start_position for s in seqs), np.int32, n)
+        num_real = int(lens.sum())
+        offsets = np.zeros(n, np.int32)
+        np.cumsum(lens[:-1], out=offsets[1:])
+        tok_seq = np.repeat(np.arange(n, dtype=np.int32), lens)
+        tok_q = np.arange(num_real, dtype=np.int32) - offsets[tok_seq]
+        positions = starts[tok_seq] + tok_q
+
+        block_tables = np.zeros((S, self.max_blocks_per_seq), np.int32)
+        for i, s in enumerate(seqs):
+            block_tables[i, : len(s.block_table)] = s.block_table
+        bs = self.block_size
+        slots = block_tables[tok_seq, positions // bs] * bs + positions % bs
+
+        token_ids = np.zeros(T, np.int32)
+        token_ids[:num_real] = np.concatenate([np.asarray(s.token_ids, np.int32) for s in seqs])
+        pos = np.zeros(T, np.int32)
+        pos[:num_real] = positions
+        slot_mapping = np.zeros(T, np.int32)
+        slot_mapping[:num_real] = slots
+        token_seq = np.zeros(T, np.int32)
+        token_seq[:num_real] = tok_seq
+        token_q = np.zeros(T, np.int32)
+        token_q[:num_real] = tok_q
+        query_index = np.zeros((S, Q), np.int32)
+        query_index[tok_seq, tok_q] = np.arange(num_real, dtype=np.int32)
+        q_positions = np.full((S, Q), -1, np.int32)
+        q_positions[tok_seq, tok_q] = positions
+        seq_lens = np.zeros(S, np.int32)
+        seq_lens[:n] = starts + lens
+        logits_index = np.zeros(R, np.int32)
+        last = offsets + lens - 1
+        logits_index[: len(row_seq)] = last[np.asarray(row_seq, np.int64)]
+        return ModelBatch(
+            token_ids=token_ids,
+            positions=pos,
+            slot_mapping=slot_mapping,
+            query_index=query_index,
+            q_positions=q_positions,
+            token_seq=token_seq,
+            token_q=token_q,
+            block_tables=block_tables,
+            seq_lens=seq_lens,
+            logits_index=logits_index,
+        )
+
+    def execute(
+        self,
+        seqs: Sequence[StepSeq],
+        rows: Sequence[SamplingRow],
+        row_seq: Sequence[int],
+        block_copies: Sequence[tuple[int, int]] = (),
+        shape: StepShape | None = None,
+    ) -> ModelRunnerOutput:
+        """Run one step. rows[i] samples from the last token of seqs[row_seq[i]]."""
+        shape = shape or step_shape(seqs, len(rows))
+        batch = self.build_batch(seqs, row_seq, shape)
+        copies = np.zeros((bucket(len(block_copies)) if block_copies else 0, 2), np.int32)
+        if block_copies:
+            copies[: len(block_copies)] = block_copies
+        sampling = build_sampling_tensors(rows, shape.num_rows)
+        want_logprobs = any(r.params.logprobs for r in rows)
+        num_logprobs = NUM_TOP_LOGPROBS if want_logprobs else 0
+        self.kv_pool, out = self._step(
+            self.state, self.kv_pool, batch, copies, sampling, num_logprobs
+        )
+        self.num_steps += 1
+        num_rows = len(rows)
+        token_ids = np.asarray(out.token_ids)[:num_rows].tolist()
+        logprobs = np.asarray(out.logprob)[:num_rows].tolist()
+        top_ids = top_lps = None
+        if num_logprobs:
+            top_ids = np.asarray(out.top_token_ids)[:num_rows]
+            top_lps = np.asarray(out.top_logprobs)[:num_rows]
+        return ModelRunnerOutput(token_ids, logprobs, top_ids, top_lps)
+
+    def warmup(self, shapes: Sequence[StepShape]) -> float:
+        """Compile (and run once, writing only the null block) each step shape; returns seconds."""
+        from jpaged.sampling_params import SamplingParams
+
+        t0 = time.perf_counter()
+        greedy = SamplingParams(temperature=0.0)
+        for shape in shapes:  # one token in the null block, padded to `shape`
+            self.execute(
+                [StepSeq([0], 0, [0])], [SamplingRow(greedy, 0, 0, (), ())], [0], shape=shape
+            )
+        jax.block_until_ready(self.kv_pool)
+        return time.perf_counter() - t0
