@@ -34,7 +34,8 @@ from pallas_kernels.paged_attention_xla import (  # noqa: E402
     write_kv,
 )
 
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_LAYERS = 9, 3, 64, 16, 30
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, NUM_LAYERS = 9, 3, 64, 30
+SCAN_BLOCK_SIZE = 16
 SCALE = HEAD_DIM**-0.5
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -57,13 +58,14 @@ def decode_batch(
     num_seqs: int,
     max_context: int,
     num_blocks: int,
+    block_size: int,
     dtype: jnp.dtype,
     min_context: int = 16,
 ) -> dict[str, np.ndarray]:
     """A decode batch: contexts ~U(min, max), shuffled block tables, unused table entries 0."""
     seq_lens = rng.integers(min_context, max_context + 1, num_seqs).astype(np.int32)
-    width = -(-max_context // BLOCK_SIZE)
-    pages = -(-seq_lens // BLOCK_SIZE)
+    width = -(-max_context // block_size)
+    pages = -(-seq_lens // block_size)
     if pages.sum() > num_blocks - 1:
         raise ValueError(f"num_blocks {num_blocks} too small for {pages.sum()} pages")
     free = 1 + rng.permutation(num_blocks - 1)[: pages.sum()]
@@ -72,7 +74,7 @@ def decode_batch(
     for s in range(num_seqs):
         block_tables[s, : pages[s]] = free[offsets[s] : offsets[s + 1]]
     pos = seq_lens - 1
-    slots = block_tables[np.arange(num_seqs), pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+    slots = block_tables[np.arange(num_seqs), pos // block_size] * block_size + pos % block_size
     q = rng.standard_normal((num_seqs, 1, NUM_HEADS, HEAD_DIM), dtype=np.float32)
     return {
         "q": jnp.asarray(q, dtype),
@@ -122,13 +124,15 @@ def summary(times: list[float]) -> dict[str, float]:
     return {"ms_min": round(min(times), 3), "ms_median": round(float(np.median(times)), 3)}
 
 
-def bench_layer(dtype_name: str, rounds: int, seed: int) -> None:
+def bench_layer(
+    dtype_name: str, rounds: int, seed: int, block_size: int, pages_per_tile: list[int]
+) -> None:
     dtype = DTYPES[dtype_name]
     rng = np.random.default_rng(seed)
     num_seqs, max_context, num_layers = 64, 512, 2
-    num_blocks = num_seqs * max_context // BLOCK_SIZE + 1
-    batch = decode_batch(rng, num_seqs, max_context, num_blocks, dtype)
-    shape = (num_layers, num_blocks, 2, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    num_blocks = num_seqs * max_context // block_size + 1
+    batch = decode_batch(rng, num_seqs, max_context, num_blocks, block_size, dtype)
+    shape = (num_layers, num_blocks, 2, block_size, NUM_KV_HEADS, HEAD_DIM)
     kv_pool = jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype)
     layer = jnp.int32(1)
     args = (batch["q"], kv_pool, layer) + tuple(
@@ -141,7 +145,7 @@ def bench_layer(dtype_name: str, rounds: int, seed: int) -> None:
     seq_lens = jnp.asarray(batch["seq_lens"])
 
     fns: dict[str, Callable[[], jax.Array]] = {}
-    for ppt in (1, 2, 4, 8):
+    for ppt in pages_per_tile:
         fns[f"paged_attention[pages_per_tile={ppt}]"] = lambda ppt=ppt: paged_attention(
             *args, scale=SCALE, pages_per_tile=ppt
         )
@@ -149,12 +153,16 @@ def bench_layer(dtype_name: str, rounds: int, seed: int) -> None:
     fns["contiguous_attention"] = lambda: contiguous_attention(
         batch["q"], k_dense, v_dense, seq_lens
     )
-    fns["gather_only[pages_per_tile=4] (copy floor, full width)"] = lambda: gather_only(
-        kv_pool, args[3], 4
+    floor_ppt = max(1, 64 // block_size)
+    fns[f"gather_only[pages_per_tile={floor_ppt}] (copy floor, full width)"] = lambda: gather_only(
+        kv_pool, args[3], floor_ppt
     )
     expected = np.asarray(fns["paged_attention_reference"](), np.float32)
     times = timed(fns, rounds)
-    cmd = f".venv/bin/python benchmarks/attention_cpu.py --section layer --dtype {dtype_name}"
+    cmd = (
+        f".venv/bin/python benchmarks/attention_cpu.py --section layer --dtype {dtype_name} "
+        f"--block-size {block_size} --pages-per-tile {','.join(map(str, pages_per_tile))}"
+    )
     for name, fn in fns.items():
         result = np.asarray(fn(), np.float32)
         err = float(np.abs(result - expected).max()) if result.shape == expected.shape else None
@@ -165,7 +173,7 @@ def bench_layer(dtype_name: str, rounds: int, seed: int) -> None:
             "num_seqs": num_seqs,
             "context": f"U({16},{max_context})",
             "mean_context": float(batch["seq_lens"].mean()),
-            "block_size": BLOCK_SIZE,
+            "block_size": block_size,
             "heads": f"{NUM_HEADS}q/{NUM_KV_HEADS}kv/d{HEAD_DIM}",
             **summary(times[name]),
             "max_abs_diff_vs_reference": err,
@@ -209,48 +217,54 @@ def make_scan_step(pages_per_tile: int) -> Callable[..., tuple[jax.Array, jax.Ar
 def bench_scan(
     dtype_name: str, rounds: int, seed: int, sizes: tuple[int, int], pages_per_tile: int
 ) -> None:
+    """Times the donated 30-layer step at both pool sizes, calls interleaved round by round."""
     dtype = DTYPES[dtype_name]
     step = make_scan_step(pages_per_tile)
     num_seqs, max_context = 64, 112  # <= 7 pages per sequence: fits the small pool
-    results = {}
+    state, donated = {}, {}
     for num_blocks in sizes:
         rng = np.random.default_rng(seed)
-        batch = decode_batch(rng, num_seqs, max_context, num_blocks, dtype)
-        shape = (NUM_LAYERS, num_blocks, 2, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        batch = decode_batch(rng, num_seqs, max_context, num_blocks, SCAN_BLOCK_SIZE, dtype)
+        shape = (NUM_LAYERS, num_blocks, 2, SCAN_BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
         kv_pool = jax.jit(lambda shape=shape: jnp.full(shape, 0.01, dtype))()
         kv_new = jnp.asarray(rng.standard_normal((2, num_seqs, NUM_KV_HEADS, HEAD_DIM)), dtype)
-        rest = tuple(
-            jnp.asarray(batch[n])
-            for n in ("block_tables", "seq_lens", "q_positions", "slot_mapping")
-        )
+        names = ("block_tables", "seq_lens", "q_positions", "slot_mapping")
+        inputs = (batch["q"], kv_new, *(jnp.asarray(batch[n]) for n in names))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            kv_pool, x = step(kv_pool, batch["q"], kv_new, *rest)  # compile
+            kv_pool, x = step(kv_pool, *inputs)  # compile
             jax.block_until_ready(x)
-        donated = not any("donated" in str(w.message) for w in caught)
-        times = []
-        for _ in range(rounds):
+        donated[num_blocks] = not any("donated" in str(w.message) for w in caught)
+        state[num_blocks] = [kv_pool, inputs]
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(rounds):
+        for num_blocks in sizes:
+            kv_pool, inputs = state[num_blocks]
             start = time.perf_counter()
-            kv_pool, x = step(kv_pool, batch["q"], kv_new, *rest)
+            kv_pool, x = step(kv_pool, *inputs)
             jax.block_until_ready(x)
-            times.append(1e3 * (time.perf_counter() - start))
-        results[num_blocks] = (times, donated, kv_pool.nbytes)
-        del kv_pool
+            times[num_blocks].append(1e3 * (time.perf_counter() - start))
+            state[num_blocks][0] = kv_pool
     small, large = sizes
-    ratio = min(results[large][0]) / min(results[small][0])
-    cmd = f".venv/bin/python benchmarks/attention_cpu.py --section scan --dtype {dtype_name}"
-    for num_blocks, (times, donated, nbytes) in results.items():
+    ratio_min = min(times[large]) / min(times[small])
+    ratio_median = float(np.median(times[large]) / np.median(times[small]))
+    cmd = (
+        f".venv/bin/python benchmarks/attention_cpu.py --section scan --dtype {dtype_name} "
+        f"--scan-pages-per-tile {pages_per_tile}"
+    )
+    for num_blocks in sizes:
         line = {
             "bench": "scan30_write_kv_paged_attention_donated",
             "dtype": dtype_name,
             "num_blocks": num_blocks,
-            "pool_mb": round(nbytes / 2**20),
+            "pool_mb": round(state[num_blocks][0].nbytes / 2**20),
             "num_seqs": num_seqs,
             "context": f"U(16,{max_context})",
             "pages_per_tile": pages_per_tile,
-            **summary(times),
-            "donated": donated,
-            f"ratio_min_{large}_vs_{small}": round(ratio, 3),
+            **summary(times[num_blocks]),
+            "donated": donated[num_blocks],
+            f"ratio_{large}_vs_{small}_min": round(ratio_min, 3),
+            f"ratio_{large}_vs_{small}_median": round(ratio_median, 3),
             "rounds": rounds,
             "cmd": cmd,
         }
@@ -263,15 +277,20 @@ def main() -> None:
     parser.add_argument("--dtype", choices=(*DTYPES, "all"), default="all")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--scan-rounds", type=int, default=10)
-    parser.add_argument("--pages-per-tile", type=int, default=4, help="for the scan section")
+    parser.add_argument("--block-size", type=int, default=16, help="layer section")
+    parser.add_argument("--pages-per-tile", default="1,2,4,8", help="layer section, comma list")
+    parser.add_argument("--scan-pages-per-tile", type=int, default=4, help="scan section")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     dtypes = list(DTYPES) if args.dtype == "all" else [args.dtype]
     for dtype_name in dtypes:
         if args.section in ("layer", "all"):
-            bench_layer(dtype_name, args.rounds, args.seed)
+            ppts = [int(x) for x in args.pages_per_tile.split(",")]
+            bench_layer(dtype_name, args.rounds, args.seed, args.block_size, ppts)
         if args.section in ("scan", "all"):
-            bench_scan(dtype_name, args.scan_rounds, args.seed, (512, 8192), args.pages_per_tile)
+            bench_scan(
+                dtype_name, args.scan_rounds, args.seed, (512, 8192), args.scan_pages_per_tile
+            )
 
 
 if __name__ == "__main__":

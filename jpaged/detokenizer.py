@@ -86,7 +86,9 @@ class IncrementalDetokenizer:
         ids = self._token_ids
         prefix_text = self._decode(ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(ids[self._prefix_offset :])
-        if not final and (len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR)):
+        if not final and (
+            len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR)
+        ):
             # Nothing visible yet (skipped special token) or a character is still incomplete.
             # Keep the window so the next decode sees the same context.
             return ""

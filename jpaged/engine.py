@@ -47,6 +47,9 @@ class EngineStats:
     block_size: int = 0
     blocks_in_use: int = 0
     peak_blocks_in_use: int = 0
+    num_cached_blocks: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which found
     prompt_tokens: int = 0
     generation_tokens: int = 0
     load_time_s: float = 0.0
@@ -110,7 +113,6 @@ class LLMEngine:
         self._seq_request: dict[int, tuple[RequestState, SampleTrack]] = {}
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
-        self._arrival = 0
         self.stats = EngineStats(num_blocks=num_blocks, block_size=config.block_size)
         self.stats.load_time_s = time.perf_counter() - t0
         logger.info(
@@ -219,10 +221,9 @@ class LLMEngine:
             token_ids=list(ids),
             num_prompt_tokens=len(ids),
             n=params.n,
-            arrival=self._arrival,
+            max_tokens=max_tokens,
         )
         self.scheduler.add_seq(seq)  # raises ValueError when the pool can never hold it
-        self._arrival += 1
         self.requests[request_id] = state
         self._seq_request[seq.seq_id] = (state, tracks[0])
         self.stats.prompt_tokens += len(ids)
@@ -300,6 +301,7 @@ class LLMEngine:
             step=seq.num_output_tokens,
             prompt_token_ids=state.prompt_token_ids if penalties else (),
             output_token_ids=seq.output_token_ids if penalties else (),
+            eos_token_ids=() if p.ignore_eos else tuple(self.eos_token_ids),
         )
 
     def _logprob_dict(self, result: Any, row: int, k: int | None) -> dict[int, Logprob]:
@@ -331,4 +333,7 @@ class LLMEngine:
         sched = self.scheduler.stats
         s.num_preemptions = sched.num_preemptions
         s.blocks_in_use = sched.blocks_in_use
-        s.peak_blocks_in_use = max(s.peak_blocks_in_use, sched.blocks_in_use)
+        s.peak_blocks_in_use = sched.peak_blocks_in_use
+        s.num_cached_blocks = sched.num_cached_blocks
+        s.prefix_cache_queries = sched.prefix_cache_queries
+        s.prefix_cache_hits = sched.prefix_cache_hits

@@ -52,6 +52,7 @@ class StepSeq:
 class ModelRunnerOutput:
     token_ids: list[int]  # [R] sampled ids, one per sampling row
     logprobs: list[float]  # [R] raw logprob of each sampled id
+    ranks: list[int]  # [R] 1-based rank of each sampled id under the raw distribution
     top_token_ids: np.ndarray | None  # [R, K] when logprobs were asked for
     top_logprobs: np.ndarray | None  # [R, K]
 
@@ -200,11 +201,12 @@ class ModelRunner:
         num_rows = len(rows)
         token_ids = np.asarray(out.token_ids)[:num_rows].tolist()
         logprobs = np.asarray(out.logprob)[:num_rows].tolist()
+        ranks = np.asarray(out.rank)[:num_rows].tolist()
         top_ids = top_lps = None
         if num_logprobs:
             top_ids = np.asarray(out.top_token_ids)[:num_rows]
             top_lps = np.asarray(out.top_logprobs)[:num_rows]
-        return ModelRunnerOutput(token_ids, logprobs, top_ids, top_lps)
+        return ModelRunnerOutput(token_ids, logprobs, ranks, top_ids, top_lps)
 
     def warmup(self, shapes: Sequence[StepShape]) -> float:
         """Compile (and run once, writing only the null block) each step shape; returns seconds."""

@@ -97,6 +97,8 @@ class RequestState:
         if track.finish_reason is None and num_out >= self.max_tokens:
             track.finish_reason = "length"
         if track.finish_reason is not None:
+            if not isinstance(track.stop_reason, str):  # no stop string cut the text
+                track.text += track.detokenizer.flush()
             self.num_finished += 1
             if self.finished:
                 self.metrics.finished_time = now

@@ -5,13 +5,14 @@ serves any mix of greedy and random requests. A row's draw depends only on its l
 and step — never on its position in the batch or the batch size.
 
 Cost model (CPU, S=64, V=49152): a full sort of the vocabulary is ~300 ms, so none is done.
-- Filters are per-row thresholds on an order-preserving uint32 key of the scaled logits
-  (`keep = key >= threshold`), so top-k and top-p keep every token tied at the boundary.
+- Filters are per-row thresholds: top-k on an order-preserving uint32 key of the scaled
+  logits, top-p on the bit patterns of the probabilities (`keep = key >= threshold`), so
+  both keep every token tied at the boundary.
 - `lax.cond` skips the threshold search when no row uses top-k/top-p, and skips random
   sampling when every row is greedy.
 - Thresholds come from `lax.top_k` over `_NUM_CANDIDATES` candidates when each row's top-k
-  and nucleus fit in them (the usual case); otherwise from an exact 32-step bisection over
-  the key space (one masked pass over [S, V] per step).
+  and nucleus fit in them (the usual case); otherwise from an exact 30-32 step bisection
+  (one masked pass over [S, V] per step) for the rows that do not fit.
 - The draw is inverse-CDF with one uniform per row (drawing V Gumbels per row costs ~100 ms):
   block sums pick a `_CDF_BLOCK`-wide block, a cumsum inside it picks the token.
 """
@@ -30,6 +31,7 @@ from jpaged.sampling_params import SAMPLING_EPS, SamplingParams
 _NUM_CANDIDATES = 128  # top-k/top-p candidate set before falling back to bisection
 _CDF_BLOCK = 256  # vocabulary block width of the two-level inverse CDF
 _MIN_BUCKET = 16  # smallest padded width of the token-id tensors
+_ONE_BITS = 0x3F800000  # bit pattern of float32 1.0
 
 
 @jax.tree_util.register_dataclass
@@ -48,7 +50,9 @@ class SamplingTensors:
     step: jax.Array  # [S] i32, tokens generated so far; PRNG key = fold_in(key(seed), step)
     prompt_token_ids: jax.Array  # [S, P] i32 padded with -1; P = 0 when no repetition penalty
     output_token_ids: jax.Array  # [S, O] i32 padded with -1; O = 0 when no penalty at all
-    banned_token_ids: jax.Array  # [S, B] i32 padded with -1 (stop ids before min_tokens); B may be 0
+    banned_token_ids: (
+        jax.Array
+    )  # [S, B] i32 padded with -1 (stop ids before min_tokens); B may be 0
 
 
 @jax.tree_util.register_dataclass
@@ -215,55 +219,62 @@ def _bisect_top_k(key: jax.Array, k: jax.Array) -> jax.Array:
 
     lo = jnp.zeros(key.shape[0], jnp.uint32)
     hi = jnp.full(key.shape[0], 0xFFFFFFFF, jnp.uint32)
-    return jax.lax.fori_loop(0, 32, body, (lo, hi))[0]
+    return jnp.where(k > 0, jax.lax.fori_loop(0, 32, body, (lo, hi))[0], jnp.uint32(0))
 
 
-def _bisect_top_p(key: jax.Array, probs: jax.Array, mass: jax.Array) -> jax.Array:
-    """[S] smallest key t with sum(probs[key > t]) < mass: keep key >= t (top-p)."""
+def _bisect_top_p(probs: jax.Array, mass: jax.Array) -> jax.Array:
+    """[S] smallest t with sum(probs[bits(probs) > t]) < mass; top-p keeps bits(probs) >= t.
+
+    probs: [S, V] in [0, 1], so their bit patterns order them and fit below bits(1.0).
+    """
+    bits = jax.lax.bitcast_convert_type(probs, jnp.uint32)
 
     def body(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         lo, hi = bounds  # invariant: answer in [lo, hi]
         mid = lo + ((hi - lo) >> 1)
-        ok = jnp.sum(jnp.where(key > mid[:, None], probs, 0.0), axis=1) < mass
+        ok = jnp.sum(jnp.where(bits > mid[:, None], probs, 0.0), axis=1) < mass
         return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
 
-    lo = jnp.zeros(key.shape[0], jnp.uint32)
-    hi = jnp.full(key.shape[0], 0xFFFFFFFF, jnp.uint32)
-    return jax.lax.fori_loop(0, 32, body, (lo, hi))[0]
+    lo = jnp.zeros(probs.shape[0], jnp.uint32)
+    hi = jnp.full(probs.shape[0], _ONE_BITS, jnp.uint32)
+    return jax.lax.fori_loop(0, 30, body, (lo, hi))[0]  # 2**30 > _ONE_BITS
 
 
-def _filter_threshold(
+def _filter_thresholds(
     scaled: jax.Array, key: jax.Array, probs: jax.Array, top_k: jax.Array, top_p: jax.Array
-) -> jax.Array:
-    """[S] u32 key threshold for top-k then top-p (on the renormalised top-k distribution).
+) -> tuple[jax.Array, jax.Array]:
+    """Top-k then top-p (on the renormalised top-k distribution) as two [S] u32 thresholds.
 
+    Keeps `key >= k_thr` (key = _order_key(scaled)) and `bits(probs) >= p_thr`; top-p keeps
+    token i iff the top-k mass of tokens more probable than i is < top_p * (top-k mass).
     top_k: [S] i32, 0 = off; top_p: [S] f32, 1 = off; probs: [S, V] exp(scaled - max).
     """
     num_cand = min(_NUM_CANDIDATES, scaled.shape[1])
-    everything = num_cand == scaled.shape[1]  # candidates are the whole vocabulary
-    cand_vals = _top_k(scaled, num_cand)[0]  # [S, C] descending
+    cand_vals, cand_ids = _top_k(scaled, num_cand)  # [S, C] descending
     cand_keys = _order_key(cand_vals)
     k_ok = top_k <= num_cand
-    k_cand = jnp.take_along_axis(cand_keys, jnp.clip(top_k - 1, 0, num_cand - 1)[:, None], 1)[:, 0]
-    k_cand = jnp.where(top_k > 0, k_cand, jnp.uint32(0))
+    k_cand = jnp.take_along_axis(cand_keys, jnp.clip(top_k - 1, 0, num_cand - 1)[:, None], 1)
+    k_cand = jnp.where(top_k > 0, k_cand[:, 0], jnp.uint32(0))
     k_thr = jax.lax.cond(
         jnp.all(k_ok), lambda: k_cand, lambda: jnp.where(k_ok, k_cand, _bisect_top_k(key, top_k))
     )
-    # Top-p keeps token i iff the top-k mass strictly above it is < top_p * (top-k mass).
-    mass = top_p * jnp.sum(jnp.where(key >= k_thr[:, None], probs, 0.0), axis=1)  # [S]
-    cand_probs = jnp.exp(cand_vals - cand_vals[:, :1]) * (cand_keys >= k_thr[:, None])
-    above = jnp.cumsum(cand_probs, axis=1) - cand_probs  # [S, C] exclusive prefix mass
-    last = jnp.sum(above < mass[:, None], axis=1) - 1  # last candidate kept (>= 0)
-    p_cand = jnp.take_along_axis(cand_keys, last[:, None], 1)[:, 0]
-    p_ok = (top_p >= 1.0) | everything | (above[:, -1] >= mass)
-    p_cand = jnp.where(top_p >= 1.0, jnp.uint32(0), p_cand)
-    top_k_probs = jnp.where(key >= k_thr[:, None], probs, 0.0)
+    top_k_probs = jnp.where(key >= k_thr[:, None], probs, 0.0)  # [S, V]
+    mass = top_p * jnp.sum(top_k_probs, axis=1)  # [S]
+    cand_probs = jnp.take_along_axis(top_k_probs, cand_ids, 1)  # [S, C] non-increasing
+    above = jnp.cumsum(cand_probs, axis=1) - cand_probs  # exclusive prefix mass
+    last = jnp.sum(above < mass[:, None], axis=1) - 1  # last kept candidate (>= 0)
+    p_cand = jnp.take_along_axis(cand_probs, last[:, None], 1)[:, 0]
+    p_cand = jnp.where(
+        top_p >= 1.0, jnp.uint32(0), jax.lax.bitcast_convert_type(p_cand, jnp.uint32)
+    )
+    # Exact when the first dropped candidate lies inside the candidate set.
+    p_ok = (top_p >= 1.0) | (num_cand == scaled.shape[1]) | (above[:, -1] >= mass)
     p_thr = jax.lax.cond(
         jnp.all(p_ok),
         lambda: p_cand,
-        lambda: jnp.where(p_ok, p_cand, _bisect_top_p(key, top_k_probs, mass)),
+        lambda: jnp.where(p_ok, p_cand, _bisect_top_p(top_k_probs, mass)),
     )
-    return jnp.maximum(k_thr, p_thr)
+    return k_thr, p_thr
 
 
 def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
@@ -294,24 +305,36 @@ def _first_above(cdf: jax.Array, mass: jax.Array, target: jax.Array) -> jax.Arra
     return jnp.where(first < width, first, last_positive)
 
 
-def _sample_random(logits: jax.Array, t: SamplingTensors, greedy: jax.Array) -> jax.Array:
-    """[S] ids drawn from penalised logits after temperature, top-k, top-p, min-p."""
+def sampling_weights(logits: jax.Array, t: SamplingTensors) -> jax.Array:
+    """[S, V] unnormalised probabilities that each non-greedy row draws from.
+
+    Temperature, then top-k, top-p (on the renormalised top-k distribution), min-p
+    (p >= min_p * p_max); filtered tokens get 0. `logits` are the penalised logits.
+    """
     vocab_size = logits.shape[1]
+    greedy = t.temperature < SAMPLING_EPS
     temperature = jnp.where(greedy, 1.0, t.temperature)
     scaled = logits / temperature[:, None]
     probs = jnp.exp(scaled - jnp.max(scaled, axis=1, keepdims=True))  # [S, V], max = 1
     key = _order_key(scaled)
     top_k = jnp.where(greedy | (t.top_k >= vocab_size), 0, jnp.maximum(t.top_k, 0))
     top_p = jnp.where(greedy, 1.0, t.top_p)
-    threshold = jax.lax.cond(
+    zeros = jnp.zeros(logits.shape[0], jnp.uint32)
+    k_thr, p_thr = jax.lax.cond(
         jnp.any((top_k > 0) | (top_p < 1.0)),
-        lambda: _filter_threshold(scaled, key, probs, top_k, top_p),
-        lambda: jnp.zeros(logits.shape[0], jnp.uint32),
+        lambda: _filter_thresholds(scaled, key, probs, top_k, top_p),
+        lambda: (zeros, zeros),
     )
-    keep = (key >= threshold[:, None]) & (probs >= t.min_p[:, None])  # min-p: p >= min_p * p_max
+    bits = jax.lax.bitcast_convert_type(probs, jnp.uint32)
+    keep = (key >= k_thr[:, None]) & (bits >= p_thr[:, None]) & (probs >= t.min_p[:, None])
+    return jnp.where(keep, probs, 0.0)
+
+
+def _draw(weights: jax.Array, t: SamplingTensors) -> jax.Array:
+    """[S] ids drawn from [S, V] weights with one uniform per row from fold_in(key(seed), step)."""
     keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(t.seed, t.step)
     u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
-    return _inverse_cdf(jnp.where(keep, probs, 0.0), u)
+    return _inverse_cdf(weights, u)
 
 
 def compute_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int) -> SamplerOutput:
@@ -348,6 +371,6 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int) -> SamplerO
     token_ids = jax.lax.cond(
         jnp.all(greedy),
         lambda: greedy_ids,
-        lambda: jnp.where(greedy, greedy_ids, _sample_random(penalised, t, greedy)),
+        lambda: jnp.where(greedy, greedy_ids, _draw(sampling_weights(penalised, t), t)),
     )
     return compute_logprobs(logits, token_ids, num_logprobs)

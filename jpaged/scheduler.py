@@ -6,12 +6,13 @@ token for a decode, a chunk for an unfinished prefill), then admits waiting ones
 When blocks run out the newest running sequence is preempted by recompute. A prefill chunk
 is cut short only when the budget is used up, and running sequences are served oldest
 first, so every decode is older than any unfinished prefill and is never starved by it
-(max_num_batched_tokens >= max_num_seqs).
+(max_num_seqs is capped at max_num_batched_tokens).
 
-Contract with the engine, per step: schedule() -> run the model on the output (block
-copies first) -> postprocess(out, sampled) -> stop checks -> finish_seq() for every
-finished sequence, including any that reached max_model_len tokens (schedule() raises
-rather than let a sequence grow past it).
+Contract with the engine: take parents' seq ids from jpaged.sequence.next_seq_id() (forks
+take theirs there too) and set Sequence.max_tokens so admission can check the pool. Per
+step: schedule() -> run the model (block copies first) -> postprocess(out, sampled) ->
+stop checks -> finish_seq() for every finished sequence, including any that reached
+max_model_len tokens (schedule() raises rather than let a sequence grow past it).
 """
 
 import itertools
@@ -47,9 +48,9 @@ class SchedulerStats:
     num_preemptions: int  # cumulative
     prefix_cache_queries: int  # tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int  # tokens found there (cumulative)
-    num_used_blocks: int  # blocks with readers now
-    num_cached_blocks: int  # free blocks still holding a prefix hash
-    peak_used_blocks: int
+    blocks_in_use: int  # blocks with readers now
+    peak_blocks_in_use: int  # since start
+    num_cached_blocks: int  # free blocks still holding a prefix hash (reusable until evicted)
 
 
 def _age(seq: Sequence) -> tuple[int, int]:
@@ -71,16 +72,14 @@ class Scheduler:
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        if max_num_batched_tokens < max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
-                f"max_num_seqs ({max_num_seqs}) so every running decode fits one step"
-            )
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
         if max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.block_size = block_size
-        self.max_num_seqs = max_num_seqs
+        # Capped by the budget so that every running decode fits one step (none is starved).
+        self.max_num_seqs = min(max_num_seqs, max_num_batched_tokens)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()  # FCFS; preempted seqs go back to the head
@@ -171,9 +170,9 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             prefix_cache_queries=bm.num_query_tokens,
             prefix_cache_hits=bm.num_hit_tokens,
-            num_used_blocks=bm.num_used_blocks,
+            blocks_in_use=bm.num_used_blocks,
+            peak_blocks_in_use=bm.peak_used_blocks,
             num_cached_blocks=bm.num_cached_blocks,
-            peak_used_blocks=bm.peak_used_blocks,
         )
 
     # -- one step --------------------------------------------------------------------------
@@ -220,6 +219,8 @@ class Scheduler:
                 self.waiting.popleft()
                 seq.status = SequenceStatus.RUNNING
                 seq.num_computed_tokens = num_cached
+                if seq.num_cached_tokens is None:
+                    seq.num_cached_tokens = num_cached
                 self.running.append(seq)
                 slots += seq.n
                 scheduled.append(self._schedule_seq(seq, num_new, forks))

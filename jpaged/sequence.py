@@ -36,9 +36,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the pool
     block_table: list[int] = field(default_factory=list)  # block ids, position order
-    max_tokens: int | None = (
-        None  # output-token limit, only used for admission (None: to max_model_len)
-    )
+    max_tokens: int | None = None  # output-token limit, used only for admission (None: none)
+    num_cached_tokens: int | None = None  # prefix-cache hit at first scheduling, in tokens
     # Chained prefix-cache hashes of the leading full blocks of token_ids, filled lazily by
     # the block manager. Content-only, so they stay valid across preemption and forks.
     block_hashes: list[bytes] = field(default_factory=list)
@@ -83,5 +82,6 @@ class Sequence:
             num_computed_tokens=self.num_computed_tokens,
             block_table=list(self.block_table),
             max_tokens=self.max_tokens,
+            num_cached_tokens=self.num_cached_tokens,
             block_hashes=list(self.block_hashes),
         )

@@ -1,6 +1,9 @@
 """Scheduler: chunked prefill, prefix hits, forks with copy-on-write, preemption, limits,
 and a hypothesis state machine checking block accounting after every add/step/finish/abort."""
 
+import subprocess
+import sys
+
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -51,7 +54,8 @@ def test_prefix_cache_hit_between_requests():
     assert [sched.block_manager.blocks[i].ref_count for i in (1, 2, 3, 4)] == [2, 2, 1, 1]
     stats = sched.stats
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (80, 32)
-    assert (stats.num_used_blocks, stats.peak_used_blocks) == (4, 4)
+    assert (stats.blocks_in_use, stats.peak_blocks_in_use) == (4, 4)
+    assert (a.num_cached_tokens, b.num_cached_tokens) == (0, 32)
     sched.finish_seq(1)
     sched.finish_seq(2)
     assert sched.stats.num_cached_blocks == 2 and not sched.has_unfinished()
@@ -210,10 +214,9 @@ def test_rejections():
 
 
 def test_constructor_rejections():
-    with pytest.raises(
-        ValueError, match=r"max_num_batched_tokens \(4\) must be >= max_num_seqs \(8\)"
-    ):
-        make_scheduler(max_num_batched_tokens=4)
+    assert make_scheduler(max_num_batched_tokens=4).max_num_seqs == 4  # every decode fits a step
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 1, got 0"):
+        make_scheduler(max_num_batched_tokens=0)
     with pytest.raises(ValueError, match="max_num_seqs must be >= 1, got 0"):
         make_scheduler(max_num_seqs=0)
     with pytest.raises(ValueError, match="num_blocks must be >= 2"):
@@ -255,6 +258,14 @@ def test_a_seq_at_max_model_len_must_be_finished():
         sched.schedule()
 
 
+def test_imports_neither_jax_nor_numpy():
+    code = "import sys, jpaged.scheduler; print(sorted({'jax', 'numpy'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     """Random adds (shared prefixes, n in 1..3), steps, finishes and aborts on small pools."""
 
@@ -262,15 +273,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         block_size=st.sampled_from([2, 4]),
         num_blocks=st.integers(6, 14),
         max_num_seqs=st.integers(1, 4),
-        extra_budget=st.integers(0, 12),
+        budget=st.integers(1, 16),
         caching=st.booleans(),
     )
-    def setup(self, block_size, num_blocks, max_num_seqs, extra_budget, caching):
+    def setup(self, block_size, num_blocks, max_num_seqs, budget, caching):
         self.sched = Scheduler(
             num_blocks=num_blocks,
             block_size=block_size,
             max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_seqs + extra_budget,
+            max_num_batched_tokens=budget,  # max_num_seqs is capped at it
             max_model_len=24,
             enable_prefix_caching=caching,
         )
