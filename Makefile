@@ -50,7 +50,7 @@ serve: venv
 	$(VENV)/bin/python -m jpaged.serve $(ARGS)
 
 generate: venv
-	$(VENV)/bin/python -m jpaged.generate_cli $(ARGS)
+	$(VENV)/bin/python -m jpaged $(ARGS)
 
 bench: venv ref
 	JPAGED_REF_PYTHON=$(CURDIR)/$(REF)/bin/python $(VENV)/bin/python benchmarks/throughput.py $(ARGS)

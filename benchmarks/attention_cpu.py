@@ -4,10 +4,11 @@ Sections:
   layer  SmolLM2-shaped decode attention for one layer (9 q heads, 3 kv heads, head_dim 64,
          B=64, contexts ~U(16, 512), block_size 16): `paged_attention` for each pages_per_tile,
          `paged_attention_reference`, and dense attention over an already contiguous cache.
+  width  short contexts with an 8- vs 512-column block table: the same time (dynamic trips).
   scan   a jitted 30-layer `lax.scan` of write_kv + paged_attention with the pool donated, at
          two pool sizes; the time must not grow with num_blocks (ratio goal <= 1.1).
 
-Run: .venv/bin/python benchmarks/attention_cpu.py [--section layer|scan|all] [--dtype ...]
+Run: .venv/bin/python benchmarks/attention_cpu.py [--section layer|width|scan|all] [--dtype ...]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +42,11 @@ SCALE = HEAD_DIM**-0.5
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def timed(fns: dict[str, Callable[[], jax.Array]], rounds: int) -> dict[str, list[float]]:
+def timed(fns: dict[Any, Callable[[], jax.Array]], rounds: int) -> dict[Any, list[float]]:
     """Milliseconds per call of each fn; rounds interleave the fns so machine noise is shared."""
     for fn in fns.values():
         jax.block_until_ready(fn())  # compile + warm
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[Any, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
@@ -106,7 +108,7 @@ def contiguous_attention(
 
 @functools.partial(jax.jit, static_argnames="pages_per_tile")
 def gather_only(kv_pool: jax.Array, block_tables: jax.Array, pages_per_tile: int) -> jax.Array:
-    """The copy floor: the same tile loop as paged_attention, but only gathers and sums pages."""
+    """The copy floor: fetch every table page (one take per tile of K+V pages) and sum them."""
     num_layers, num_blocks = kv_pool.shape[:2]
     num_seqs, width = block_tables.shape
     rows = num_blocks + block_tables.reshape(num_seqs, width // pages_per_tile, pages_per_tile)
@@ -171,12 +173,44 @@ def bench_layer(
             "impl": name,
             "dtype": dtype_name,
             "num_seqs": num_seqs,
-            "context": f"U({16},{max_context})",
+            "context": f"U(16,{max_context})",
             "mean_context": float(batch["seq_lens"].mean()),
             "block_size": block_size,
             "heads": f"{NUM_HEADS}q/{NUM_KV_HEADS}kv/d{HEAD_DIM}",
             **summary(times[name]),
             "max_abs_diff_vs_reference": err,
+            "rounds": rounds,
+            "cmd": cmd,
+        }
+        print(json.dumps(line), flush=True)
+
+
+def bench_table_width(dtype_name: str, rounds: int, seed: int) -> None:
+    """Short contexts, table width 8 vs 512 columns: the tile loop's trip count is dynamic."""
+    dtype, block_size, num_seqs, max_context = DTYPES[dtype_name], 16, 64, 128
+    rng = np.random.default_rng(seed)
+    num_blocks = num_seqs * max_context // block_size + 1
+    batch = decode_batch(rng, num_seqs, max_context, num_blocks, block_size, dtype)
+    shape = (2, num_blocks, 2, block_size, NUM_KV_HEADS, HEAD_DIM)
+    kv_pool = jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype)
+    fns = {}
+    for width in (8, 512):
+        block_tables = np.zeros((num_seqs, width), np.int32)
+        block_tables[:, :8] = batch["block_tables"]
+        args = (batch["q"], kv_pool, jnp.int32(1), jnp.asarray(block_tables))
+        args += (jnp.asarray(batch["seq_lens"]), jnp.asarray(batch["q_positions"]))
+        fns[width] = lambda args=args: paged_attention(*args, scale=SCALE)
+    times = timed(fns, rounds)
+    cmd = f".venv/bin/python benchmarks/attention_cpu.py --section width --dtype {dtype_name}"
+    for width, t in times.items():
+        line = {
+            "bench": "paged_attention_table_width",
+            "dtype": dtype_name,
+            "table_width": width,
+            "num_seqs": num_seqs,
+            "context": f"U(16,{max_context})",
+            "block_size": block_size,
+            **summary(t),
             "rounds": rounds,
             "cmd": cmd,
         }
@@ -273,7 +307,7 @@ def bench_scan(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--section", choices=("layer", "scan", "all"), default="all")
+    parser.add_argument("--section", choices=("layer", "width", "scan", "all"), default="all")
     parser.add_argument("--dtype", choices=(*DTYPES, "all"), default="all")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--scan-rounds", type=int, default=10)
@@ -287,6 +321,8 @@ def main() -> None:
         if args.section in ("layer", "all"):
             ppts = [int(x) for x in args.pages_per_tile.split(",")]
             bench_layer(dtype_name, args.rounds, args.seed, args.block_size, ppts)
+        if args.section in ("width", "all"):
+            bench_table_width(dtype_name, args.rounds, args.seed)
         if args.section in ("scan", "all"):
             bench_scan(
                 dtype_name, args.scan_rounds, args.seed, (512, 8192), args.scan_pages_per_tile

@@ -27,6 +27,7 @@ from jpaged.sampler import SamplingRow
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Sequence as Seq
+from jpaged.sequence import next_seq_id
 from jpaged.tokenizer import Tokenizer
 from jpaged.weights import iter_safetensors, load_model
 from models.config import LlamaConfig
@@ -112,7 +113,6 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self._seq_request: dict[int, tuple[RequestState, SampleTrack]] = {}
         self._rng = random.Random(config.seed)
-        self._next_seq_id = 0
         self.stats = EngineStats(num_blocks=num_blocks, block_size=config.block_size)
         self.stats.load_time_s = time.perf_counter() - t0
         logger.info(
@@ -124,7 +124,7 @@ class LLMEngine:
         if config.warmup != "none":
             shapes = all_step_shapes(config.max_num_seqs, self.max_num_batched_tokens)
             if config.warmup == "decode":
-                shapes = [s for s in shapes if s.num_queries == 1]
+                shapes = [s for s in shapes if s.tile_size == 1]
             self.stats.warmup_time_s = self.runner.warmup(shapes)
             logger.info("compiled %d step shapes in %.2fs", len(shapes), self.stats.warmup_time_s)
 
@@ -216,7 +216,7 @@ class LLMEngine:
             metrics=RequestMetrics(arrival_time=arrival_time or time.time()),
         )
         seq = Seq(
-            seq_id=self._new_seq_id(),
+            seq_id=next_seq_id(),
             request_id=request_id,
             token_ids=list(ids),
             num_prompt_tokens=len(ids),
@@ -227,10 +227,6 @@ class LLMEngine:
         self.requests[request_id] = state
         self._seq_request[seq.seq_id] = (state, tracks[0])
         self.stats.prompt_tokens += len(ids)
-
-    def _new_seq_id(self) -> int:
-        self._next_seq_id += 1
-        return self._next_seq_id
 
     def abort_request(self, request_id: str | Sequence[str]) -> None:
         """Stop requests now; their blocks are freed at once. Unknown ids are ignored."""

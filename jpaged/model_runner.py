@@ -1,8 +1,12 @@
 """ModelRunner: pads a scheduled step into bucketed arrays and runs one jitted device step.
 
-Step shapes are powers of two: T (tokens), S (sequences), Q (query slots per sequence),
-R (sampling rows), C (block copies). The block-table width W is fixed at
-ceil(max_model_len / block_size); attention loops only over the columns in use.
+Queries are laid out as G tiles of Q query slots; a tile holds consecutive tokens of one
+sequence. Pure decode steps use Q = 1 (a tile per sequence); steps with prefill chunks use
+Q = min(bucket(longest chunk), PREFILL_TILE), so padding is at most one partial tile per
+sequence instead of every sequence padded to the longest chunk. Step shapes are powers of
+two: T (tokens), G (tiles), Q (tile size), R (sampling rows), C (block copies). The
+block-table width W is fixed at ceil(max_model_len / block_size); attention loops only
+over the columns in use.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from models.llama import Llama, ModelBatch
 logger = logging.getLogger(__name__)
 
 MIN_TOKEN_BUCKET = 8
+PREFILL_TILE = 32  # query slots per tile in steps with prefill chunks (measured: see README)
 NUM_TOP_LOGPROBS = 20  # top-k logprobs computed when any row asks (vLLM's max is 20)
 
 
@@ -34,9 +39,9 @@ def bucket(n: int, minimum: int = 1) -> int:
 @dataclasses.dataclass(frozen=True, slots=True)
 class StepShape:
     num_tokens: int  # T
-    num_seqs: int  # S
-    num_queries: int  # Q
-    num_rows: int  # R
+    num_tiles: int  # G query tiles (= sequences in a pure decode step)
+    tile_size: int  # Q query slots per tile (1 in a pure decode step)
+    num_rows: int  # R sampling rows
 
 
 @dataclasses.dataclass(slots=True)
@@ -59,38 +64,40 @@ class ModelRunnerOutput:
 
 def step_shape(seqs: Sequence[StepSeq], num_rows: int) -> StepShape:
     """The bucketed shape of a step; the one function that decides padding."""
-    num_tokens = sum(len(s.token_ids) for s in seqs)
-    max_q = max(len(s.token_ids) for s in seqs)
-    num_seqs = bucket(len(seqs))
+    lens = [len(s.token_ids) for s in seqs]
+    tile = min(bucket(max(lens)), PREFILL_TILE)
+    num_tiles = bucket(sum(-(-n // tile) for n in lens))
     return StepShape(
-        num_tokens=bucket(num_tokens, MIN_TOKEN_BUCKET),
-        num_seqs=num_seqs,
-        num_queries=bucket(max_q),
-        num_rows=max(num_seqs, bucket(num_rows)),
+        num_tokens=bucket(sum(lens), MIN_TOKEN_BUCKET),
+        num_tiles=num_tiles,
+        tile_size=tile,
+        num_rows=max(num_tiles, bucket(num_rows)),
     )
 
 
 def all_step_shapes(max_num_seqs: int, max_num_batched_tokens: int) -> list[StepShape]:
-    """Every shape `step_shape` can return for single-sample rows (the warm-up set)."""
+    """Every shape `step_shape` can return for single-sample rows (the warm-up set).
 
-    def lower(b: int) -> int:  # smallest real count whose bucket is b
-        return 1 if b <= MIN_TOKEN_BUCKET else b // 2 + 1
-
-    shapes = []
-    t = MIN_TOKEN_BUCKET
-    while lower(t) <= max_num_batched_tokens:
-        s = 1
-        while s // 2 + 1 <= min(max_num_seqs, t):
-            q = 1
-            while q // 2 + 1 <= t:
-                lo = max(lower(t), s // 2 + 1, q // 2 + 1)
-                hi = min(t, max_num_batched_tokens, min(s, max_num_seqs) * q)
-                if lo <= hi:
-                    shapes.append(StepShape(t, s, q, s))
-                q *= 2
-            s *= 2
-        t *= 2
-    return shapes
+    A superset where the exact set is awkward to state: it may hold a few unused shapes.
+    """
+    shapes = set()
+    for n_tok in range(1, max_num_batched_tokens + 1):
+        t = bucket(n_tok, MIN_TOKEN_BUCKET)
+        if n_tok <= max_num_seqs:  # pure decode: one tile per sequence
+            shapes.add(StepShape(t, bucket(n_tok), 1, bucket(n_tok)))
+        q = 2
+        while q <= min(PREFILL_TILE, bucket(n_tok)):
+            longest_min = q // 2 + 1 if q < PREFILL_TILE else q // 2 + 1
+            if longest_min <= n_tok:
+                g_min = -(-n_tok // q)
+                # the longest chunk takes >= 1 tile; each other sequence at most 1 + len // q
+                g_max = min(n_tok - longest_min + 1, max_num_seqs + n_tok // q)
+                g = bucket(g_min)
+                while g // 2 < g_max:
+                    shapes.add(StepShape(t, g, q, g))
+                    g *= 2
+            q *= 2
+    return sorted(shapes, key=lambda s: (s.num_tokens, s.tile_size, s.num_tiles))
 
 
 class ModelRunner:
@@ -129,51 +136,50 @@ class ModelRunner:
     ) -> ModelBatch:
         """Pad a step into numpy arrays of `shape` (host side, O(tokens) numpy work)."""
         n = len(seqs)
-        T, S, Q, R = shape.num_tokens, shape.num_seqs, shape.num_queries, shape.num_rows
+        T, G, Q, R = shape.num_tokens, shape.num_tiles, shape.tile_size, shape.num_rows
         lens = np.fromiter((len(s.token_ids) for s in seqs), np.int32, n)
         starts = np.fromiter((s.start_position for s in seqs), np.int32, n)
         num_real = int(lens.sum())
-        offsets = np.zeros(n, np.int32)
+        offsets = np.zeros(n, np.int32)  # first flat token of each sequence
         np.cumsum(lens[:-1], out=offsets[1:])
         tok_seq = np.repeat(np.arange(n, dtype=np.int32), lens)
-        tok_q = np.arange(num_real, dtype=np.int32) - offsets[tok_seq]
+        tok_q = np.arange(num_real, dtype=np.int32) - offsets[tok_seq]  # index in its chunk
         positions = starts[tok_seq] + tok_q
+        tiles_per_seq = -(-lens // Q)
+        tile_offsets = np.zeros(n, np.int32)
+        np.cumsum(tiles_per_seq[:-1], out=tile_offsets[1:])
+        tok_tile = tile_offsets[tok_seq] + tok_q // Q
+        tok_slot = tok_q % Q
+        tile_seq = np.repeat(np.arange(n, dtype=np.int32), tiles_per_seq)  # [G_real]
 
-        block_tables = np.zeros((S, self.max_blocks_per_seq), np.int32)
+        seq_tables = np.zeros((n, self.max_blocks_per_seq), np.int32)
         for i, s in enumerate(seqs):
-            block_tables[i, : len(s.block_table)] = s.block_table
+            seq_tables[i, : len(s.block_table)] = s.block_table
         bs = self.block_size
-        slots = block_tables[tok_seq, positions // bs] * bs + positions % bs
+        slots = seq_tables[tok_seq, positions // bs] * bs + positions % bs
 
-        token_ids = np.zeros(T, np.int32)
-        token_ids[:num_real] = np.concatenate([np.asarray(s.token_ids, np.int32) for s in seqs])
-        pos = np.zeros(T, np.int32)
-        pos[:num_real] = positions
-        slot_mapping = np.zeros(T, np.int32)
-        slot_mapping[:num_real] = slots
-        token_seq = np.zeros(T, np.int32)
-        token_seq[:num_real] = tok_seq
-        token_q = np.zeros(T, np.int32)
-        token_q[:num_real] = tok_q
-        query_index = np.zeros((S, Q), np.int32)
-        query_index[tok_seq, tok_q] = np.arange(num_real, dtype=np.int32)
-        q_positions = np.full((S, Q), -1, np.int32)
-        q_positions[tok_seq, tok_q] = positions
-        seq_lens = np.zeros(S, np.int32)
-        seq_lens[:n] = starts + lens
+        def padded(values: np.ndarray, size: int, fill: int = 0) -> np.ndarray:
+            out = np.full((size, *values.shape[1:]), fill, np.int32)
+            out[: len(values)] = values
+            return out
+
+        token_ids = np.concatenate([np.asarray(s.token_ids, np.int32) for s in seqs])
+        query_index = np.zeros((G, Q), np.int32)
+        query_index[tok_tile, tok_slot] = np.arange(num_real, dtype=np.int32)
+        q_positions = np.full((G, Q), -1, np.int32)
+        q_positions[tok_tile, tok_slot] = positions
         logits_index = np.zeros(R, np.int32)
-        last = offsets + lens - 1
-        logits_index[: len(row_seq)] = last[np.asarray(row_seq, np.int64)]
+        logits_index[: len(row_seq)] = (offsets + lens - 1)[np.asarray(row_seq, np.int64)]
         return ModelBatch(
-            token_ids=token_ids,
-            positions=pos,
-            slot_mapping=slot_mapping,
+            token_ids=padded(token_ids, T),
+            positions=padded(positions, T),
+            slot_mapping=padded(slots, T),  # padding tokens write slot 0 of the null block
             query_index=query_index,
             q_positions=q_positions,
-            token_seq=token_seq,
-            token_q=token_q,
-            block_tables=block_tables,
-            seq_lens=seq_lens,
+            token_seq=padded(tok_tile, T),
+            token_q=padded(tok_slot, T),
+            block_tables=padded(seq_tables[tile_seq], G),
+            seq_lens=padded((starts + lens)[tile_seq], G),
             logits_index=logits_index,
         )
 

@@ -5,14 +5,13 @@ serves any mix of greedy and random requests. A row's draw depends only on its l
 and step — never on its position in the batch or the batch size.
 
 Cost model (CPU, S=64, V=49152): a full sort of the vocabulary is ~300 ms, so none is done.
-- Filters are per-row thresholds: top-k on an order-preserving uint32 key of the scaled
-  logits, top-p on the bit patterns of the probabilities (`keep = key >= threshold`), so
-  both keep every token tied at the boundary.
+- Filters are per-row thresholds, `scaled >= k-th largest` (top-k) and
+  `probs >= max(nucleus floor, min_p)` (top-p, min-p), so ties at a boundary are all kept.
 - `lax.cond` skips the threshold search when no row uses top-k/top-p, and skips random
   sampling when every row is greedy.
 - Thresholds come from `lax.top_k` over `_NUM_CANDIDATES` candidates when each row's top-k
   and nucleus fit in them (the usual case); otherwise from an exact 30-32 step bisection
-  (one masked pass over [S, V] per step) for the rows that do not fit.
+  over float bit patterns (one compare-and-sum pass over [S, V] per step, ~1 ms each).
 - The draw is inverse-CDF with one uniform per row (drawing V Gumbels per row costs ~100 ms):
   block sums pick a `_CDF_BLOCK`-wide block, a cumsum inside it picks the token.
 """
@@ -50,9 +49,7 @@ class SamplingTensors:
     step: jax.Array  # [S] i32, tokens generated so far; PRNG key = fold_in(key(seed), step)
     prompt_token_ids: jax.Array  # [S, P] i32 padded with -1; P = 0 when no repetition penalty
     output_token_ids: jax.Array  # [S, O] i32 padded with -1; O = 0 when no penalty at all
-    banned_token_ids: (
-        jax.Array
-    )  # [S, B] i32 padded with -1 (stop ids before min_tokens); B may be 0
+    banned_token_ids: jax.Array  # [S, B] i32 padded with -1: stop ids before min_tokens
 
 
 @jax.tree_util.register_dataclass
@@ -185,7 +182,7 @@ def apply_penalties(logits: jax.Array, t: SamplingTensors) -> jax.Array:
 
 
 def _argmax(x: jax.Array) -> jax.Array:
-    """[S, V] -> [S] i32, equal to jnp.argmax (first maximum) for NaN-free rows, ~5x faster on CPU."""
+    """[S, V] -> [S] i32, equal to jnp.argmax (first maximum) for NaN-free rows, ~8x faster on CPU."""
     iota = jax.lax.broadcasted_iota(jnp.float32, x.shape, 1)  # exact: V < 2**24
     is_max = x == jnp.max(x, axis=1, keepdims=True)
     return jnp.min(jnp.where(is_max, iota, x.shape[1]), axis=1).astype(jnp.int32)
@@ -207,66 +204,78 @@ def _order_key(x: jax.Array) -> jax.Array:
     return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _bisect_top_k(key: jax.Array, k: jax.Array) -> jax.Array:
-    """[S] largest key t with count(key >= t) >= k (exact k-th largest key); k=0 -> 0."""
+def _key_value(key: jax.Array) -> jax.Array:
+    """Inverse of _order_key."""
+    positive = (key >> 31) == 1
+    return jax.lax.bitcast_convert_type(
+        jnp.where(positive, key ^ jnp.uint32(0x80000000), ~key), jnp.float32
+    )
+
+
+# Bisections search the integer keys of float32 values but compare the floats themselves
+# (XLA:CPU runs a float compare-and-sum pass ~1.5x faster than the integer one).
+
+
+def _bisect_top_k(scaled: jax.Array, k: jax.Array) -> jax.Array:
+    """[S] f32 k-th largest value of each row of [S, V] `scaled` (ties counted); -inf if k=0."""
 
     def body(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        lo, hi = bounds  # invariant: count(key >= lo) >= k; answer in [lo, hi]
+        lo, hi = bounds  # keys; invariant: count(scaled >= value(lo)) >= k, answer in [lo, hi]
         gap = hi - lo
         mid = lo + (gap >> 1) + (gap & 1)
-        ok = jnp.sum(key >= mid[:, None], axis=1, dtype=jnp.int32) >= k
+        count = jnp.sum(jnp.where(scaled >= _key_value(mid)[:, None], 1.0, 0.0), axis=1)
+        ok = count >= k  # exact: counts < 2**24
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
 
-    lo = jnp.zeros(key.shape[0], jnp.uint32)
-    hi = jnp.full(key.shape[0], 0xFFFFFFFF, jnp.uint32)
-    return jnp.where(k > 0, jax.lax.fori_loop(0, 32, body, (lo, hi))[0], jnp.uint32(0))
+    lo = _order_key(jnp.min(scaled, axis=1))
+    hi = _order_key(jnp.max(scaled, axis=1))
+    lo = jax.lax.fori_loop(0, 32, body, (lo, hi))[0]
+    return jnp.where(k > 0, _key_value(lo), -jnp.inf)
 
 
 def _bisect_top_p(probs: jax.Array, mass: jax.Array) -> jax.Array:
-    """[S] smallest t with sum(probs[bits(probs) > t]) < mass; top-p keeps bits(probs) >= t.
+    """[S] f32 smallest p with sum(probs[probs > p]) < mass; top-p keeps probs >= p.
 
-    probs: [S, V] in [0, 1], so their bit patterns order them and fit below bits(1.0).
+    probs: [S, V] in [0, 1]; non-negative floats order like their bit patterns.
     """
-    bits = jax.lax.bitcast_convert_type(probs, jnp.uint32)
 
     def body(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        lo, hi = bounds  # invariant: answer in [lo, hi]
+        lo, hi = bounds  # bit patterns; invariant: answer in [lo, hi]
         mid = lo + ((hi - lo) >> 1)
-        ok = jnp.sum(jnp.where(bits > mid[:, None], probs, 0.0), axis=1) < mass
+        mid_value = jax.lax.bitcast_convert_type(mid, jnp.float32)[:, None]
+        ok = jnp.sum(jnp.where(probs > mid_value, probs, 0.0), axis=1) < mass
         return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
 
     lo = jnp.zeros(probs.shape[0], jnp.uint32)
     hi = jnp.full(probs.shape[0], _ONE_BITS, jnp.uint32)
-    return jax.lax.fori_loop(0, 30, body, (lo, hi))[0]  # 2**30 > _ONE_BITS
+    lo = jax.lax.fori_loop(0, 30, body, (lo, hi))[0]  # 2**30 > _ONE_BITS
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
 def _filter_thresholds(
-    scaled: jax.Array, key: jax.Array, probs: jax.Array, top_k: jax.Array, top_p: jax.Array
+    scaled: jax.Array, probs: jax.Array, top_k: jax.Array, top_p: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """Top-k then top-p (on the renormalised top-k distribution) as two [S] u32 thresholds.
+    """Top-k then top-p (on the renormalised top-k distribution) as two [S] f32 thresholds.
 
-    Keeps `key >= k_thr` (key = _order_key(scaled)) and `bits(probs) >= p_thr`; top-p keeps
-    token i iff the top-k mass of tokens more probable than i is < top_p * (top-k mass).
+    Keeps `scaled >= k_thr` and `probs >= p_thr`; top-p keeps token i iff the top-k mass of
+    tokens more probable than i is < top_p * (top-k mass).
     top_k: [S] i32, 0 = off; top_p: [S] f32, 1 = off; probs: [S, V] exp(scaled - max).
     """
     num_cand = min(_NUM_CANDIDATES, scaled.shape[1])
     cand_vals, cand_ids = _top_k(scaled, num_cand)  # [S, C] descending
-    cand_keys = _order_key(cand_vals)
     k_ok = top_k <= num_cand
-    k_cand = jnp.take_along_axis(cand_keys, jnp.clip(top_k - 1, 0, num_cand - 1)[:, None], 1)
-    k_cand = jnp.where(top_k > 0, k_cand[:, 0], jnp.uint32(0))
+    k_cand = jnp.take_along_axis(cand_vals, jnp.clip(top_k - 1, 0, num_cand - 1)[:, None], 1)
+    k_cand = jnp.where(top_k > 0, k_cand[:, 0], -jnp.inf)
     k_thr = jax.lax.cond(
-        jnp.all(k_ok), lambda: k_cand, lambda: jnp.where(k_ok, k_cand, _bisect_top_k(key, top_k))
+        jnp.all(k_ok), lambda: k_cand, lambda: jnp.where(k_ok, k_cand, _bisect_top_k(scaled, top_k))
     )
-    top_k_probs = jnp.where(key >= k_thr[:, None], probs, 0.0)  # [S, V]
+    top_k_probs = jnp.where(scaled >= k_thr[:, None], probs, 0.0)  # [S, V]
     mass = top_p * jnp.sum(top_k_probs, axis=1)  # [S]
     cand_probs = jnp.take_along_axis(top_k_probs, cand_ids, 1)  # [S, C] non-increasing
     above = jnp.cumsum(cand_probs, axis=1) - cand_probs  # exclusive prefix mass
     last = jnp.sum(above < mass[:, None], axis=1) - 1  # last kept candidate (>= 0)
     p_cand = jnp.take_along_axis(cand_probs, last[:, None], 1)[:, 0]
-    p_cand = jnp.where(
-        top_p >= 1.0, jnp.uint32(0), jax.lax.bitcast_convert_type(p_cand, jnp.uint32)
-    )
+    p_cand = jnp.where(top_p >= 1.0, 0.0, p_cand)
     # Exact when the first dropped candidate lies inside the candidate set.
     p_ok = (top_p >= 1.0) | (num_cand == scaled.shape[1]) | (above[:, -1] >= mass)
     p_thr = jax.lax.cond(
@@ -313,20 +322,24 @@ def sampling_weights(logits: jax.Array, t: SamplingTensors) -> jax.Array:
     """
     vocab_size = logits.shape[1]
     greedy = t.temperature < SAMPLING_EPS
-    temperature = jnp.where(greedy, 1.0, t.temperature)
-    scaled = logits / temperature[:, None]
-    probs = jnp.exp(scaled - jnp.max(scaled, axis=1, keepdims=True))  # [S, V], max = 1
-    key = _order_key(scaled)
+    temperature = jnp.where(greedy, 1.0, t.temperature)[:, None]
     top_k = jnp.where(greedy | (t.top_k >= vocab_size), 0, jnp.maximum(t.top_k, 0))
     top_p = jnp.where(greedy, 1.0, t.top_p)
-    zeros = jnp.zeros(logits.shape[0], jnp.uint32)
+
+    def scaled_probs() -> tuple[jax.Array, jax.Array]:
+        # NOTE: called inside and after the cond rather than passed into it: cond operands
+        # must be materialised ([S, V] each, ~4 ms apiece at S=64), recomputing them fuses.
+        scaled = logits / temperature
+        probs = jnp.exp(scaled - jnp.max(scaled, axis=1, keepdims=True))  # [S, V], max = 1
+        return scaled, probs
+
     k_thr, p_thr = jax.lax.cond(
         jnp.any((top_k > 0) | (top_p < 1.0)),
-        lambda: _filter_thresholds(scaled, key, probs, top_k, top_p),
-        lambda: (zeros, zeros),
+        lambda: _filter_thresholds(*scaled_probs(), top_k, top_p),
+        lambda: (jnp.full(top_k.shape, -jnp.inf), jnp.zeros(top_k.shape)),
     )
-    bits = jax.lax.bitcast_convert_type(probs, jnp.uint32)
-    keep = (key >= k_thr[:, None]) & (bits >= p_thr[:, None]) & (probs >= t.min_p[:, None])
+    scaled, probs = scaled_probs()
+    keep = (scaled >= k_thr[:, None]) & (probs >= jnp.maximum(p_thr, t.min_p)[:, None])
     return jnp.where(keep, probs, 0.0)
 
 

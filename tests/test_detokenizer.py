@@ -46,7 +46,9 @@ def byte_bpe(tmp_path_factory: pytest.TempPathFactory) -> object:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS, trainer)
     extra = {"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}
@@ -59,7 +61,12 @@ def sentencepiece_bpe(tmp_path_factory: pytest.TempPathFactory) -> object:
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
     )
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
     tok.train_from_iterator(["a b c d e", "the capital is paris"], trainer)
@@ -159,7 +166,9 @@ def test_sentencepiece_first_token_keeps_its_space(sentencepiece_bpe) -> None:
     assert "".join(stream(IncrementalDetokenizer(tok, [], True), out)) == tok.decode(out)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_random_ids_stream_to_decode(byte_bpe, data: st.DataObject) -> None:
     """Any id sequence (lone continuation bytes, specials, ...): the stream is always a
@@ -182,7 +191,9 @@ def test_random_ids_stream_to_decode(byte_bpe, data: st.DataObject) -> None:
     assert text == expected
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(text=st.text(alphabet=st.sampled_from("ab €½🤗日\n "), max_size=30))
 def test_encoded_text_never_streams_replacement_chars(byte_bpe, text: str) -> None:
     ids = byte_bpe.encode(text, add_special_tokens=False)
@@ -218,7 +229,11 @@ def test_default_model_tokenizer() -> None:
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (the ByteLevel alphabet)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -255,7 +270,9 @@ def test_check_stop_exact() -> None:
     splits=st.lists(st.integers(1, 5), max_size=30),
     include=st.booleans(),
 )
-def test_streaming_never_shows_a_cut_stop_string(text: str, stops: list[str], splits, include) -> None:
+def test_streaming_never_shows_a_cut_stop_string(
+    text: str, stops: list[str], splits, include
+) -> None:
     """Feed `text` in chunks: the result equals a one-shot scan, and what was shown while
     streaming (text minus holdback) is always a prefix of the final output."""
     # Reference: the earliest-ending match over the whole text.

@@ -129,8 +129,15 @@ MIXED = [
 def test_seeded_row_independent_of_position_and_batch() -> None:
     vocab = 1000
     logits = random_logits(1 + len(MIXED), vocab, seed=3, scale=1.0)
-    target = dict(temperature=1.5, top_p=0.95, top_k=200, min_p=0.01)
-    for seed, step in [(7, 0), (7, 1), (123456789, 42), (2**32 - 1, 5)]:
+    bisected = dict(temperature=1.5, top_p=0.95, top_k=200, min_p=0.01)
+    from_candidates = dict(temperature=0.5, top_p=0.5, top_k=20)  # alone: no bisection at all
+    for target, seed, step in [
+        (bisected, 7, 0),
+        (bisected, 7, 1),
+        (bisected, 123456789, 42),
+        (from_candidates, 2**32 - 1, 5),
+        (from_candidates, 3, 1000),
+    ]:
         alone = int(draw(logits[:1], [row(seed, step, **target)]).token_ids[0])
         for pad in (1, 8, 16):
             assert int(draw(logits[:1], [row(seed, step, **target)], pad=pad).token_ids[0]) == alone
@@ -252,12 +259,21 @@ def test_top_k_keeps_ties_at_the_boundary() -> None:
     np.testing.assert_array_equal(weights[0] > 0, [0, 1, 1, 1, 1, 1, 1, 0])
 
 
-def test_bisection_matches_candidates() -> None:
-    logits = jnp.asarray(random_logits(8, 1000, seed=6))
-    key = sampler._order_key(logits)
-    k = jnp.arange(1, 9, dtype=jnp.int32) * 7
-    expected = np.sort(np.asarray(key), axis=1)[:, ::-1][np.arange(8), np.asarray(k) - 1]
-    np.testing.assert_array_equal(np.asarray(jax.jit(sampler._bisect_top_k)(key, k)), expected)
+def test_bisections_are_exact() -> None:
+    logits = random_logits(8, 1000, seed=6)
+    logits[0, :500] = logits[0, 500:]  # every value twice: ties are counted
+    logits[1, 10:] = -np.inf
+    k = np.array([1, 7, 9, 300, 999, 1000, 64, 0], np.int32)
+    got = np.asarray(jax.jit(sampler._bisect_top_k)(jnp.asarray(logits), jnp.asarray(k)))
+    expected = np.sort(logits, axis=1)[:, ::-1][np.arange(8), np.maximum(k - 1, 0)]
+    np.testing.assert_array_equal(got[:7], expected[:7])
+    assert got[7] == -np.inf
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    mass = np.float32(0.7) * probs.sum(1)
+    got_p = np.asarray(jax.jit(sampler._bisect_top_p)(jnp.asarray(probs), jnp.asarray(mass)))
+    for i in range(8):
+        above = np.array([probs[i][probs[i] > v].sum() for v in probs[i]])
+        assert got_p[i] == probs[i][above < mass[i]].min()
 
 
 def test_order_key_is_monotone() -> None:
@@ -266,6 +282,7 @@ def test_order_key_is_monotone() -> None:
     )
     keys = np.asarray(sampler._order_key(jnp.asarray(values)))
     assert (np.diff(keys.astype(np.int64)) > 0).all()
+    np.testing.assert_array_equal(np.asarray(sampler._key_value(jnp.asarray(keys))), values)
 
 
 # ---------- penalties ----------

@@ -43,8 +43,15 @@ def test_normalisation() -> None:
     assert SamplingParams(stop=("a", "bc")).stop == ["a", "bc"]
     assert SamplingParams(max_tokens=None, min_tokens=1000).max_tokens is None
     edge = SamplingParams(
-        temperature=0.0, top_p=1e-9, min_p=1.0, presence_penalty=-2, frequency_penalty=2,
-        logprobs=20, prompt_logprobs=0, min_tokens=16, seed=-5,
+        temperature=0.0,
+        top_p=1e-9,
+        min_p=1.0,
+        presence_penalty=-2,
+        frequency_penalty=2,
+        logprobs=20,
+        prompt_logprobs=0,
+        min_tokens=16,
+        seed=-5,
     )
     assert (edge.presence_penalty, edge.frequency_penalty, edge.seed) == (-2.0, 2.0, -5)
 
@@ -116,7 +123,9 @@ def test_slots_reject_unknown_attributes() -> None:
 
 
 def test_outputs_are_plain_dataclasses() -> None:
-    running = CompletionOutput(0, "Hi", [5, 6], -1.5, [{5: Logprob(-1.0, 1, "Hi")}, {6: Logprob(-0.5)}])
+    running = CompletionOutput(
+        0, "Hi", [5, 6], -1.5, [{5: Logprob(-1.0, 1, "Hi")}, {6: Logprob(-0.5)}]
+    )
     assert not running.finished()
     done = dataclasses.replace(running, finish_reason="stop", stop_reason="###")
     assert done.finished()
@@ -124,6 +133,8 @@ def test_outputs_are_plain_dataclasses() -> None:
     assert (metrics.time_in_queue, metrics.time_to_first_token) == (0.5, 1.25)
     assert RequestMetrics(arrival_time=1.0).time_to_first_token is None
     out = RequestOutput("req-1", "Hello", [1, 2], None, [done], finished=True, metrics=metrics)
-    assert repr(out).startswith("RequestOutput(request_id='req-1', prompt='Hello', prompt_token_ids=[1, 2]")
+    assert repr(out).startswith(
+        "RequestOutput(request_id='req-1', prompt='Hello', prompt_token_ids=[1, 2]"
+    )
     assert "finish_reason='stop', stop_reason='###'" in repr(out)
     assert repr(Logprob(-0.25, 2)) == "Logprob(logprob=-0.25, rank=2, decoded_token=None)"

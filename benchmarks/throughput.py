@@ -1,0 +1,114 @@
+"""Throughput on workload W: jpaged against transformers static batching, in one run.
+
+    .venv/bin/python benchmarks/throughput.py [--dtype float32] [--hf-batch-sizes 16,32]
+
+Prints one JSON line per engine/configuration, then one with the ratios. The transformers
+runs use .venv-ref (`make ref`); pass --hf-batch-sizes "" to skip them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from workload import workload_w  # noqa: E402
+
+CMD = "make bench  # or: .venv/bin/python benchmarks/throughput.py " + " ".join(sys.argv[1:])
+
+
+def run_jpaged(args: argparse.Namespace) -> dict:
+    t_start = time.perf_counter()
+    import jpaged
+    from jpaged.sampling_params import SamplingParams
+
+    llm = jpaged.LLM(dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                     max_num_batched_tokens=args.max_num_batched_tokens, warmup=args.warmup)  # fmt: skip
+    engine = llm.engine
+    start_s = time.perf_counter() - t_start
+    prompts, out_lens = workload_w(args.num_requests)
+    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for n in out_lens]
+    # time to first token on a fresh request, after start-up
+    t0 = time.perf_counter()
+    llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    first_token_s = time.perf_counter() - t0
+    compiles_before = engine.runner.num_compilations
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    useful = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert useful == sum(out_lens)
+    stats = engine.stats
+    tokens_held_peak = sum(len(p) + n for p, n in zip(prompts, out_lens, strict=True))
+    return {
+        "engine": "jpaged",
+        "mode": "continuous",
+        "dtype": args.dtype,
+        "requests": len(prompts),
+        "output_tokens": useful,
+        "seconds": round(elapsed, 2),
+        "output_tok_s": round(useful / elapsed, 1),
+        "start_s": round(start_s, 2),
+        "first_token_after_start_s": round(first_token_s, 3),
+        "steps": stats.num_steps,
+        "compilations_total": engine.runner.num_compilations,
+        "compilations_during_w": engine.runner.num_compilations - compiles_before,
+        "preemptions": stats.num_preemptions,
+        "peak_kv_blocks": stats.peak_blocks_in_use,
+        "peak_blocks_x_block_size_over_tokens": round(
+            stats.peak_blocks_in_use * stats.block_size / tokens_held_peak, 3
+        ),
+        "cmd": CMD,
+    }
+
+
+def run_hf(batch_size: int, args: argparse.Namespace) -> dict | None:
+    ref = os.environ.get("JPAGED_REF_PYTHON") or str(ROOT / ".venv-ref" / "bin" / "python")
+    if not Path(ref).exists():
+        return None
+    from jpaged.gguf_import import default_gguf_path
+
+    gguf = default_gguf_path()
+    out = subprocess.run(
+        [ref, str(ROOT / "benchmarks" / "ref_hf_static.py"), str(gguf.parent), gguf.name,
+         str(batch_size), args.dtype, str(args.num_requests)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    line["cmd"] = CMD
+    return line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--hf-batch-sizes", default="16,32")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--warmup", default="decode", choices=["none", "decode", "all"])
+    args = parser.parse_args()
+    results = [run_jpaged(args)]
+    print(json.dumps(results[0]), flush=True)
+    for bs in [int(b) for b in args.hf_batch_sizes.split(",") if b]:
+        line = run_hf(bs, args)
+        if line:
+            results.append(line)
+            print(json.dumps(line), flush=True)
+    jp = results[0]["output_tok_s"]
+    ratios = {
+        f"jpaged/{r['engine']}_{r['mode']}": round(jp / r["output_tok_s"], 2) for r in results[1:]
+    }
+    print(json.dumps({"ratios": ratios, "dtype": args.dtype, "cmd": CMD}))
+
+
+if __name__ == "__main__":
+    main()
