@@ -41,13 +41,25 @@ def run_jpaged(args: argparse.Namespace) -> dict:
     llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
     first_token_s = time.perf_counter() - t0
     compiles_before = engine.runner.num_compilations
+    peak = {"blocks": 0, "tokens": 0}
+    step = engine.step
+
+    def step_and_track() -> list:
+        outs = step()
+        blocks = engine.scheduler.stats.blocks_in_use
+        if blocks > peak["blocks"]:  # tokens whose K/V the held blocks hold, at the peak
+            held = sum(s.num_computed_tokens for s in engine.scheduler.running)
+            peak.update(blocks=blocks, tokens=held)
+        return outs
+
+    engine.step = step_and_track
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
+    engine.step = step
     useful = sum(len(o.outputs[0].token_ids) for o in outs)
     assert useful == sum(out_lens)
     stats = engine.stats
-    tokens_held_peak = sum(len(p) + n for p, n in zip(prompts, out_lens, strict=True))
     return {
         "engine": "jpaged",
         "mode": "continuous",
@@ -62,9 +74,10 @@ def run_jpaged(args: argparse.Namespace) -> dict:
         "compilations_total": engine.runner.num_compilations,
         "compilations_during_w": engine.runner.num_compilations - compiles_before,
         "preemptions": stats.num_preemptions,
-        "peak_kv_blocks": stats.peak_blocks_in_use,
-        "peak_blocks_x_block_size_over_tokens": round(
-            stats.peak_blocks_in_use * stats.block_size / tokens_held_peak, 3
+        "peak_kv_blocks": peak["blocks"],
+        "tokens_held_at_peak": peak["tokens"],
+        "peak_block_slots_over_tokens_held": round(
+            peak["blocks"] * stats.block_size / max(peak["tokens"], 1), 3
         ),
         "cmd": CMD,
     }

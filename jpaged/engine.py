@@ -127,6 +127,7 @@ class LLMEngine:
                 shapes = [s for s in shapes if s.tile_size == 1]
             self.stats.warmup_time_s = self.runner.warmup(shapes)
             logger.info("compiled %d step shapes in %.2fs", len(shapes), self.stats.warmup_time_s)
+        self._update_stats()
 
     def _num_blocks(self, model: Llama, kv_dtype: jnp.dtype) -> int:
         c = self.config
@@ -240,6 +241,7 @@ class LLMEngine:
             for track in state.tracks:
                 if track.finish_reason is None:
                     track.finish_reason = "abort"
+        self._update_stats()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
