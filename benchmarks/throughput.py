@@ -30,7 +30,7 @@ def run_jpaged(args: argparse.Namespace) -> dict:
     import jpaged
     from jpaged.sampling_params import SamplingParams
 
-    llm = jpaged.LLM(dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+    llm = jpaged.LLM(dtype=args.dtype, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
                      max_num_batched_tokens=args.max_num_batched_tokens, warmup=args.warmup)  # fmt: skip
     engine = llm.engine
     start_s = time.perf_counter() - t_start
@@ -64,6 +64,7 @@ def run_jpaged(args: argparse.Namespace) -> dict:
         "engine": "jpaged",
         "mode": "continuous",
         "dtype": args.dtype,
+        "block_size": args.block_size,
         "requests": len(prompts),
         "output_tokens": useful,
         "seconds": round(elapsed, 2),
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--warmup", default="decode", choices=["none", "decode", "all"])
     args = parser.parse_args()
     results = [run_jpaged(args)]

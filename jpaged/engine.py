@@ -215,6 +215,7 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
             tracks=tracks,
             metrics=RequestMetrics(arrival_time=arrival_time or time.time()),
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
         seq = Seq(
             seq_id=next_seq_id(),
@@ -223,6 +224,7 @@ class LLMEngine:
             num_prompt_tokens=len(ids),
             n=params.n,
             max_tokens=max_tokens,
+            skip_prefix_cache=params.prompt_logprobs is not None,
         )
         self.scheduler.add_seq(seq)  # raises ValueError when the pool can never hold it
         self.requests[request_id] = state
@@ -256,14 +258,25 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        seqs, rows, row_seq, row_ids = [], [], [], []
+        seqs, rows, row_seq, row_ids, prompt_rows, prompt_owner = [], [], [], [], [], []
         for i, s in enumerate(out.scheduled):
             seqs.append(StepSeq(s.token_ids, s.start_position, s.block_table))
             for sid in s.sample_seq_ids:
                 rows.append(self._sampling_row(sid))
                 row_seq.append(i)
                 row_ids.append(sid)
-        result = self.runner.execute(seqs, rows, row_seq, out.block_copies)
+            entry = self._seq_request.get(s.seq_id)
+            if entry is not None and entry[0].prompt_logprobs is not None and entry[1].index == 0:
+                state = entry[0]
+                # logits at position p score prompt token p + 1; skip ones already recorded
+                first = max(s.start_position, len(state.prompt_logprobs) - 1)
+                last = min(s.start_position + len(s.token_ids), len(state.prompt_token_ids) - 1)
+                for p in range(first, last):
+                    prompt_rows.append((i, p - s.start_position, state.prompt_token_ids[p + 1]))
+                    prompt_owner.append(state)
+        result = self.runner.execute(seqs, rows, row_seq, out.block_copies, prompt_rows=prompt_rows)
+        if prompt_rows:
+            self._record_prompt_logprobs(result.prompt_logprobs, prompt_rows, prompt_owner)
         self.scheduler.postprocess(out, dict(zip(row_ids, result.token_ids, strict=True)))
         touched: dict[str, RequestState] = {}
         for r, sid in enumerate(row_ids):
@@ -323,6 +336,27 @@ class LLMEngine:
                 self.tokenizer.decode([chosen], skip_special_tokens=False),
             )
         return d
+
+    def _record_prompt_logprobs(
+        self, lp: Any, prompt_rows: list, owners: list[RequestState]
+    ) -> None:
+        for r, ((_, _, next_id), state) in enumerate(zip(prompt_rows, owners, strict=True)):
+            k = state.params.prompt_logprobs or 0
+            d = {
+                int(t): Logprob(
+                    float(v), rank + 1, self.tokenizer.decode([int(t)], skip_special_tokens=False)
+                )
+                for rank, (t, v) in enumerate(
+                    zip(lp.top_token_ids[r][:k], lp.top_logprobs[r][:k], strict=True)
+                )
+            }
+            if next_id not in d:
+                d[next_id] = Logprob(
+                    float(lp.logprobs[r]),
+                    int(lp.ranks[r]),
+                    self.tokenizer.decode([next_id], skip_special_tokens=False),
+                )
+            state.prompt_logprobs.append(d)
 
     def _update_stats(self) -> None:
         s = self.stats

@@ -17,10 +17,11 @@ import time
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jpaged.sampler import SamplingRow, build_sampling_tensors, sample
+from jpaged.sampler import SamplingRow, build_sampling_tensors, compute_logprobs, sample
 from models.llama import Llama, ModelBatch
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,15 @@ class ModelRunnerOutput:
     ranks: list[int]  # [R] 1-based rank of each sampled id under the raw distribution
     top_token_ids: np.ndarray | None  # [R, K] when logprobs were asked for
     top_logprobs: np.ndarray | None  # [R, K]
+    prompt_logprobs: PromptLogprobs | None = None  # for the step's prompt_rows
+
+
+@dataclasses.dataclass(slots=True)
+class PromptLogprobs:
+    logprobs: np.ndarray  # [P] raw logprob of each next prompt token
+    ranks: np.ndarray  # [P] its 1-based rank
+    top_token_ids: np.ndarray  # [P, NUM_TOP_LOGPROBS]
+    top_logprobs: np.ndarray  # [P, NUM_TOP_LOGPROBS]
 
 
 def step_shape(seqs: Sequence[StepSeq], num_rows: int) -> StepShape:
@@ -116,7 +126,7 @@ class ModelRunner:
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.vocab_size = model.config.vocab_size
-        self._step = jax.jit(self._step_fn, static_argnums=(5,), donate_argnums=(1,))
+        self._step = jax.jit(self._step_fn, static_argnums=(6,), donate_argnums=(1,))
         self.num_steps = 0
 
     @property
@@ -124,12 +134,22 @@ class ModelRunner:
         """Distinct step programs traced so far (one per bucket shape used)."""
         return self._step._cache_size()
 
-    def _step_fn(self, state, kv_pool, batch, copies, sampling, num_logprobs):  # noqa: ANN001, ANN202
+    def _step_fn(self, state, kv_pool, batch, copies, sampling, prompt_lp, num_logprobs):  # noqa: ANN001, ANN202
+        """prompt_lp: ([P] flat token index, [P] next prompt token id), P = 0 when unused."""
         model = nnx.merge(self.graphdef, state)
         if copies.shape[0]:  # copy-on-write: [C, 2] (src, dst) block ids, padding (0, 0)
             kv_pool = kv_pool.at[:, copies[:, 1]].set(kv_pool[:, copies[:, 0]])
+        num_rows = batch.logits_index.shape[0]
+        prompt_index, prompt_next = prompt_lp
+        if prompt_index.shape[0]:  # extra logits rows for prompt logprobs
+            index = jnp.concatenate([batch.logits_index, prompt_index])
+            batch = dataclasses.replace(batch, logits_index=index)
         logits, kv_pool = model(kv_pool, batch)
-        return kv_pool, sample(logits, sampling, num_logprobs)
+        sampled = sample(logits[:num_rows], sampling, num_logprobs)
+        prompt_out = None
+        if prompt_index.shape[0]:
+            prompt_out = compute_logprobs(logits[num_rows:], prompt_next, NUM_TOP_LOGPROBS)
+        return kv_pool, sampled, prompt_out
 
     def build_batch(
         self, seqs: Sequence[StepSeq], row_seq: Sequence[int], shape: StepShape
@@ -190,8 +210,13 @@ class ModelRunner:
         row_seq: Sequence[int],
         block_copies: Sequence[tuple[int, int]] = (),
         shape: StepShape | None = None,
+        prompt_rows: Sequence[tuple[int, int, int]] = (),
     ) -> ModelRunnerOutput:
-        """Run one step. rows[i] samples from the last token of seqs[row_seq[i]]."""
+        """Run one step. rows[i] samples from the last token of seqs[row_seq[i]].
+
+        prompt_rows: (seq index, token index in its chunk, next prompt token id) for each
+        prompt position whose logprob is wanted; results in `prompt_logprobs`.
+        """
         shape = shape or step_shape(seqs, len(rows))
         batch = self.build_batch(seqs, row_seq, shape)
         copies = np.zeros((bucket(len(block_copies)) if block_copies else 0, 2), np.int32)
@@ -200,8 +225,22 @@ class ModelRunner:
         sampling = build_sampling_tensors(rows, shape.num_rows)
         want_logprobs = any(r.params.logprobs for r in rows)
         num_logprobs = NUM_TOP_LOGPROBS if want_logprobs else 0
-        self.kv_pool, out = self._step(
-            self.state, self.kv_pool, batch, copies, sampling, num_logprobs
+        num_prompt = bucket(len(prompt_rows)) if prompt_rows else 0
+        prompt_index = np.zeros(num_prompt, np.int32)
+        prompt_next = np.zeros(num_prompt, np.int32)
+        if prompt_rows:
+            offsets = np.cumsum([0] + [len(s.token_ids) for s in seqs[:-1]])
+            rows_arr = np.asarray(prompt_rows, np.int64)
+            prompt_index[: len(prompt_rows)] = offsets[rows_arr[:, 0]] + rows_arr[:, 1]
+            prompt_next[: len(prompt_rows)] = rows_arr[:, 2]
+        self.kv_pool, out, prompt_out = self._step(
+            self.state,
+            self.kv_pool,
+            batch,
+            copies,
+            sampling,
+            (prompt_index, prompt_next),
+            num_logprobs,
         )
         self.num_steps += 1
         num_rows = len(rows)
@@ -212,7 +251,16 @@ class ModelRunner:
         if num_logprobs:
             top_ids = np.asarray(out.top_token_ids)[:num_rows]
             top_lps = np.asarray(out.top_logprobs)[:num_rows]
-        return ModelRunnerOutput(token_ids, logprobs, ranks, top_ids, top_lps)
+        prompt_logprobs = None
+        if prompt_out is not None:
+            n = len(prompt_rows)
+            prompt_logprobs = PromptLogprobs(
+                logprobs=np.asarray(prompt_out.logprob)[:n],
+                ranks=np.asarray(prompt_out.rank)[:n],
+                top_token_ids=np.asarray(prompt_out.top_token_ids)[:n],
+                top_logprobs=np.asarray(prompt_out.top_logprobs)[:n],
+            )
+        return ModelRunnerOutput(token_ids, logprobs, ranks, top_ids, top_lps, prompt_logprobs)
 
     def warmup(self, shapes: Sequence[StepShape]) -> float:
         """Compile (and run once, writing only the null block) each step shape; returns seconds."""

@@ -47,6 +47,8 @@ class RequestState:
     tracks: list[SampleTrack]
     metrics: RequestMetrics
     num_finished: int = 0
+    # one entry per prompt token (the first None), filled as prefill chunks run
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -57,7 +59,7 @@ class RequestState:
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            prompt_logprobs=None,
+            prompt_logprobs=self.prompt_logprobs,
             outputs=[t.to_output() for t in self.tracks],
             finished=self.finished,
             metrics=self.metrics,

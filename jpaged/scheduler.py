@@ -211,7 +211,7 @@ class Scheduler:
             slots = sum(s.n for s in self.running) + len(forks)  # a parent counts as n
             while self.waiting and budget > 0 and slots + self.waiting[0].n <= self.max_num_seqs:
                 seq = self.waiting[0]
-                cached_blocks = bm.match_prefix(seq)
+                cached_blocks = [] if seq.skip_prefix_cache else bm.match_prefix(seq)
                 num_cached = len(cached_blocks) * self.block_size
                 num_new = min(seq.num_tokens - num_cached, budget)
                 if bm.allocate_for(seq, num_new, cached_blocks) is None:

@@ -38,6 +38,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)  # block ids, position order
     max_tokens: int | None = None  # output-token limit, used only for admission (None: none)
     num_cached_tokens: int | None = None  # prefix-cache hit at first scheduling, in tokens
+    skip_prefix_cache: bool = False  # compute every prompt token (prompt logprobs need them)
     # Chained prefix-cache hashes of the leading full blocks of token_ids, filled lazily by
     # the block manager. Content-only, so they stay valid across preemption and forks.
     block_hashes: list[bytes] = field(default_factory=list)

@@ -157,3 +157,23 @@ def test_parallel_sampling_shares_prompt_blocks(tiny_model, tokenizer):
     final = outs[-1]
     assert len(final.outputs) == 4 and all(len(o.token_ids) == 6 for o in final.outputs)
     assert len({tuple(o.token_ids) for o in final.outputs}) > 1
+
+
+@pytest.mark.parametrize("budget", [2048, 16])
+def test_prompt_logprobs_match_generation_logprobs(tiny_model, tokenizer, budget):
+    """Scoring prompt + generated tokens gives the logprobs the generation reported."""
+    llm = make_llm(tiny_model, tokenizer, max_num_batched_tokens=budget, max_num_seqs=8)
+    prompt = [31, 32, 33, 34, 35]
+    gen = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0),
+                       use_tqdm=False)[0].outputs[0]  # fmt: skip
+    full = prompt + gen.token_ids
+    scored = llm.generate([full], SamplingParams(max_tokens=1, prompt_logprobs=2), use_tqdm=False)[
+        0
+    ]
+    plp = scored.prompt_logprobs
+    assert len(plp) == len(full) and plp[0] is None
+    for i, tok in enumerate(gen.token_ids):
+        entry = plp[len(prompt) + i]
+        assert entry[tok].rank == 1  # greedy tokens are the top-1
+        np.testing.assert_allclose(entry[tok].logprob, gen.logprobs[i][tok].logprob, atol=1e-4)
+    assert all(len(e) in (2, 3) for e in plp[1:])  # top-2 plus the actual token
