@@ -81,6 +81,5 @@ class EngineConfig:
         return self.jax_dtype() if self.kv_cache_dtype == "auto" else _DTYPES[self.kv_cache_dtype]
 
     def resolved_backend(self) -> str:
-        if self.attention_backend == "auto":
-            return "xla" if jax.default_backend() == "cpu" else "pallas"
-        return self.attention_backend
+        # auto will pick pallas on accelerators once the kernels exist (#4); xla until then
+        return "xla"

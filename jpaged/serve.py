@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quantization", "-q", default=None,
         help="weight quantization method (none supported yet)")  # fmt: skip
     add("--attention-backend", default="auto", choices=["auto", "xla", "pallas"],
-        help="attention implementation: auto picks pallas on GPU, xla on CPU")  # fmt: skip
+        help="attention implementation: xla (jax.numpy, the CPU path); pallas is not built yet")  # fmt: skip
     add("--seed", type=int, default=0, help="seed for requests that give none")
     add("--chat-template", default=None,
         help="Jinja chat template, a file path or the template text (default: the model's)")  # fmt: skip
