@@ -31,7 +31,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | xla | pallas
     seed: int = 0
-    warmup: str = "decode"  # none | decode | all: which step shapes to compile at start
+    warmup: str = "none"  # none | decode | all: step shapes compiled at start (the server: decode)
     enable_compile_cache: bool = True
 
     def __post_init__(self) -> None:
