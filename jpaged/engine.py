@@ -184,6 +184,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n is {params.n} but max_num_seqs is {self.config.max_num_seqs}")
         text, ids = self.tokenize_prompt(prompt)
         room = self.max_model_len - len(ids)
         if room < 1:

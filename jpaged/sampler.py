@@ -118,7 +118,7 @@ def build_sampling_tensors(rows: Sequence[SamplingRow], num_rows_padded: int) ->
         p = row.params
         if not p.is_greedy:
             temperature[i] = p.temperature
-            top_p[i], top_k[i], min_p[i] = p.top_p, p.top_k, p.min_p
+            top_p[i], top_k[i], min_p[i] = p.top_p, min(p.top_k, 2**31 - 1), p.min_p
         presence[i], frequency[i] = p.presence_penalty, p.frequency_penalty
         repetition[i] = p.repetition_penalty
         seed[i] = row.seed % (1 << 32)

@@ -25,6 +25,7 @@ from serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    check_text,
 )
 
 logger = logging.getLogger("jpaged.serve")
@@ -136,7 +137,8 @@ def build_app(
             _, ids = render_chat(state, messages, body.add_generation_prompt)
         else:
             assert body.prompt is not None
-            ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            prompt = check_text(body.prompt, "prompt")
+            ids = state.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens)
         strs = state.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
                 "token_strs": strs}  # fmt: skip

@@ -206,13 +206,15 @@ class AsyncEngine:
                 t0 = time.perf_counter()
                 outputs = engine.step()
                 elapsed = time.perf_counter() - t0
+                # snapshot and metrics first: a client that has seen a step's tokens must
+                # see that step's counters on /metrics too
+                self._publish()
                 if outputs:
-                    self._deliver(outputs)
                     if self._on_outputs is not None:
                         self._on_outputs(outputs, elapsed)
+                    self._deliver(outputs)
                 elif engine.stats.num_steps == steps_before:
                     time.sleep(0.001)  # nothing schedulable: do not spin
-                self._publish()
         except BaseException as exc:  # the engine is broken: fail every stream, stay up
             logger.exception("engine worker failed")
             self.error = exc

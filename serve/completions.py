@@ -29,7 +29,7 @@ from serve.generation import (
     unless_disconnected,
     usage,
 )
-from serve.protocol import ChatCompletionRequest, CompletionRequest
+from serve.protocol import ChatCompletionRequest, CompletionRequest, check_text
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # status for a response nobody will read (nginx's "client closed request")
@@ -71,7 +71,7 @@ async def create_completion(
     prompts, echo_texts = [], []
     for prompt in body.prompts():
         if isinstance(prompt, str):
-            text, ids = prompt, state.tokenizer.encode(prompt)
+            text, ids = prompt, state.tokenizer.encode(check_text(prompt, "prompt"))
         else:
             ids = _token_prompt(state, prompt)
             text = state.tokenizer.decode(ids, skip_special_tokens=False) if body.echo else None
@@ -144,7 +144,7 @@ def render_chat(state: ServerState, messages: list[dict[str, Any]], add_generati
     except Exception as exc:  # jinja errors, raise_exception() in the template, missing template
         raise bad_request(f"messages: the chat template failed: {exc}", "messages") from None
     assert isinstance(text, str)
-    return text, state.tokenizer.encode(text, add_special_tokens=False)
+    return text, state.tokenizer.encode(check_text(text, "messages"), add_special_tokens=False)
 
 
 async def create_chat_completion(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any
@@ -26,6 +27,13 @@ _TYPES = {
 }
 
 
+class ErrorResponse(JSONResponse):
+    """An error body as ASCII JSON, so any text a message quotes renders (lone surrogates too)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 class APIError(Exception):
     """An error the client sees as `status` with an OpenAI error body; raised anywhere in a route."""
 
@@ -42,7 +50,7 @@ class APIError(Exception):
         return error_body(self.status, self.message, self.param, self.code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return ErrorResponse(self.body(), status_code=self.status)
 
 
 def error_body(
@@ -93,7 +101,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(
+        return ErrorResponse(
             error_body(exc.status_code, str(exc.detail), None, code),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
@@ -102,7 +110,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         logger.exception("internal error", exc_info=exc)
-        return JSONResponse(
+        return ErrorResponse(
             error_body(500, f"internal server error: {type(exc).__name__}: {exc}"),
             status_code=500,
         )

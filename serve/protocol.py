@@ -15,6 +15,28 @@ from jpaged.sampling_params import MAX_LOGPROBS, SamplingParams
 from serve.errors import bad_request, param_of
 
 _SAMPLING_FIELDS = {f for f in SamplingParams.__dataclass_fields__}
+_INT32_MAX = 2**31 - 1
+# The sampler divides positive logits by the penalty in float32: smaller ones overflow to inf
+# (NaN probabilities). 1e-6 already makes any repeated token win.
+MIN_REPETITION_PENALTY = 1e-6
+
+
+def check_text(text: str, param: str) -> str:
+    """`text`, or a 400 naming `param` when it holds a lone surrogate: JSON can carry one
+    (`"\\ud800"`) but it is not text, and neither the tokenizer nor UTF-8 output takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(
+            f"{param} is not valid Unicode text (it holds a lone surrogate)", param
+        ) from None
+    return text
+
+
+def _ranged(default: Any, **bounds: float) -> Any:
+    """A field whose JSON-schema range (`minimum`, `maximum`, `exclusiveMinimum`) is shown in
+    /openapi.json; SamplingParams enforces it, with messages naming the field."""
+    return Field(default, json_schema_extra=bounds)
 
 
 class StreamOptions(BaseModel):
@@ -27,23 +49,23 @@ class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    n: int = 1
-    temperature: float | None = None  # None: 1.0, as OpenAI
-    top_p: float | None = None
+    n: int = _ranged(1, minimum=1)
+    temperature: float | None = _ranged(None, minimum=0)  # None: 1.0, as OpenAI
+    top_p: float | None = _ranged(None, exclusiveMinimum=0, maximum=1)
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = _ranged(None, minimum=-2, maximum=2)
+    frequency_penalty: float | None = _ranged(None, minimum=-2, maximum=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM's extra sampling fields
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: int | None = _ranged(None, minimum=-1)
+    min_p: float | None = _ranged(None, minimum=0, maximum=1)
+    repetition_penalty: float | None = _ranged(None, minimum=MIN_REPETITION_PENALTY)
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: int = _ranged(0, minimum=0)
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -57,6 +79,8 @@ class _SamplingRequest(BaseModel):
             )
         if self.logit_bias:
             raise bad_request("logit_bias is not supported yet", "logit_bias")
+        for stop in [self.stop] if isinstance(self.stop, str) else self.stop or ():
+            check_text(stop, "stop")
 
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, param_names: dict[str, str]
@@ -69,7 +93,8 @@ class _SamplingRequest(BaseModel):
             "n": self.n,
             "temperature": 1.0 if self.temperature is None else self.temperature,
             "top_p": 1.0 if self.top_p is None else self.top_p,
-            "top_k": 0 if self.top_k is None else self.top_k,
+            # the sampler treats top_k >= vocab as off, but its int32 arrays must hold it
+            "top_k": 0 if self.top_k is None else min(self.top_k, _INT32_MAX),
             "min_p": 0.0 if self.min_p is None else self.min_p,
             "presence_penalty": self.presence_penalty or 0.0,
             "frequency_penalty": self.frequency_penalty or 0.0,
@@ -88,7 +113,7 @@ class _SamplingRequest(BaseModel):
             "spaces_between_special_tokens": self.spaces_between_special_tokens,
         }
         try:
-            return SamplingParams(**options)
+            params = SamplingParams(**options)
         except ValueError as exc:
             field = param_of(str(exc), _SAMPLING_FIELDS)
             param = param_names.get(field, field) if field else None
@@ -96,14 +121,23 @@ class _SamplingRequest(BaseModel):
             if field and param != field:
                 message = f"{param}{message[len(field) :]}"
             raise bad_request(message, param) from None
+        if params.repetition_penalty < MIN_REPETITION_PENALTY:
+            raise bad_request(
+                f"repetition_penalty must be >= {MIN_REPETITION_PENALTY}, "
+                f"got {params.repetition_penalty}",
+                "repetition_penalty",
+            )
+        return params
 
 
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for completions
-    logprobs: int | None = None
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        json_schema_extra={"minLength": 1, "minItems": 1}  # not empty (prompts() checks)
+    )
+    max_tokens: int | None = _ranged(16, minimum=1)  # OpenAI's default for completions
+    logprobs: int | None = _ranged(None, minimum=0, maximum=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -150,11 +184,15 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, list):
             texts = []
             for part in self.content:
-                if part.type != "text" or part.text is None:
+                if part.type != "text":
                     raise bad_request(
                         f"messages.{index}.content: only text parts are supported, "
                         f"got type {part.type!r}",
                         "messages",
+                    )
+                if part.text is None:
+                    raise bad_request(
+                        f"messages.{index}.content: a text part needs a `text` field", "messages"
                     )
                 texts.append(part.text)
             message["content"] = "\n".join(texts)
@@ -167,10 +205,10 @@ class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None  # None: whatever fits the context
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = _ranged(None, minimum=1)  # None: whatever fits the context
+    max_completion_tokens: int | None = _ranged(None, minimum=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = _ranged(None, minimum=0, maximum=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None

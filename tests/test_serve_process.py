@@ -77,7 +77,7 @@ def server(model_dir, tmp_path_factory):
          "--num-blocks", "1024", "--max-model-len", str(MAX_MODEL_LEN), "--warmup", "none",
          "--shutdown-timeout", "1", "--disable-uvicorn-access-log"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "JPAGED_API_KEY": ""},
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     srv = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path)
     try:
@@ -108,8 +108,8 @@ def client(server):
 
 
 def complete(client, prompt, **kw):
-    return client.completions.create(model=MODEL, prompt=prompt, **{"max_tokens": 12, **GREEDY,
-                                                                     **kw})  # fmt: skip
+    kw = {"max_tokens": 12, **GREEDY, **kw}
+    return client.completions.create(model=MODEL, prompt=prompt, **kw)
 
 
 def num_tokens(server, **body) -> int:
@@ -254,27 +254,28 @@ def test_16_disconnects_free_their_blocks(client, server):
     body = {"model": MODEL, "max_tokens": MAX_MODEL_LEN - 16, "temperature": 0,
             "ignore_eos": True, "stream": True}  # fmt: skip
 
-    async def hang_up_mid_stream() -> float:
+    async def hang_up_mid_stream() -> str:
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as http:
-            responses = [
-                await http.send(
-                    http.build_request("POST", "/v1/completions",
-                                       json={**body, "prompt": f"Story {i} begins"}),
-                    stream=True,
-                )  # fmt: skip
+            requests = [
+                http.build_request("POST", "/v1/completions",
+                                   json={**body, "prompt": f"Story {i} begins"})
                 for i in range(16)
-            ]
-            for response in responses:  # each has streamed its first token
+            ]  # fmt: skip
+            responses = await asyncio.gather(*(http.send(r, stream=True) for r in requests))
+            readers = [response.aiter_lines() for response in responses]  # keep them: a
+            # dropped reader is garbage-collected, which closes its connection
+            for response, lines in zip(responses, readers, strict=True):
                 assert response.status_code == 200
-                lines = response.aiter_lines()
                 while not (await anext(lines)).startswith('data: {"id"'):
-                    pass
-            in_use = metric((await http.get("/metrics")).text, "jpaged:kv_cache_blocks_in_use")
+                    pass  # until each has streamed its first token
+            text = (await http.get("/metrics")).text  # counters as of the tokens seen
             for response in responses:
                 await response.aclose()  # closes the connection mid-stream
-            return in_use
+            return text
 
-    assert asyncio.run(hang_up_mid_stream()) >= 16  # one block each at least, while streaming
+    streaming = asyncio.run(hang_up_mid_stream())
+    assert metric(streaming, "jpaged:num_requests_running") == 16
+    assert metric(streaming, "jpaged:kv_cache_blocks_in_use") >= 16  # one block each at least
     after = wait_for_metric(server, "jpaged:kv_cache_blocks_in_use", 0, timeout_s=5)
     assert metric(after, "jpaged:num_requests_running") == 0
     aborted = 'finished_reason="abort"'
