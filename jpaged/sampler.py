@@ -386,4 +386,6 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int) -> SamplerO
         lambda: greedy_ids,
         lambda: jnp.where(greedy, greedy_ids, _draw(sampling_weights(penalised, t), t)),
     )
+    # NaN weights (e.g. extreme penalties) must never yield an id outside the vocabulary
+    token_ids = jnp.clip(token_ids, 0, logits.shape[1] - 1)
     return compute_logprobs(logits, token_ids, num_logprobs)
