@@ -110,6 +110,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(mc.eos_token_ids) | (
             {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         )
+        self._eos_ids = tuple(sorted(self.eos_token_ids))  # banned before min_tokens
         self.requests: dict[str, RequestState] = {}
         self._seq_request: dict[int, tuple[RequestState, SampleTrack]] = {}
         self._rng = random.Random(config.seed)
@@ -186,6 +187,10 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n is {params.n} but max_num_seqs is {self.config.max_num_seqs}")
+        vocab = self.model_config.vocab_size
+        for token_id in params.stop_token_ids or ():
+            if not 0 <= token_id < vocab:
+                raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {token_id}")
         text, ids = self.tokenize_prompt(prompt)
         room = self.max_model_len - len(ids)
         if room < 1:
@@ -314,51 +319,40 @@ class LLMEngine:
             step=seq.num_output_tokens,
             prompt_token_ids=state.prompt_token_ids if penalties else (),
             output_token_ids=seq.output_token_ids if penalties else (),
-            eos_token_ids=() if p.ignore_eos else tuple(self.eos_token_ids),
+            eos_token_ids=() if p.ignore_eos else self._eos_ids,
         )
 
-    def _logprob_dict(self, result: Any, row: int, k: int | None) -> dict[int, Logprob]:
-        chosen = result.token_ids[row]
-        d: dict[int, Logprob] = {}
-        if result.top_token_ids is not None:
-            for rank, (tid, lp) in enumerate(
-                zip(result.top_token_ids[row], result.top_logprobs[row], strict=True)
-            ):
-                if rank >= (k or 0):
-                    break
-                d[int(tid)] = Logprob(
-                    float(lp),
-                    rank + 1,
-                    self.tokenizer.decode([int(tid)], skip_special_tokens=False),
-                )
-        if chosen not in d:
-            d[chosen] = Logprob(
-                result.logprobs[row],
-                None,
-                self.tokenizer.decode([chosen], skip_special_tokens=False),
+    def _logprob_entry(
+        self, token_id: int, logprob: float, rank: int, top_ids: Any, top_lps: Any, k: int
+    ) -> dict[int, Logprob]:
+        """vLLM's per-position dict: the top-k tokens (rank 1..k) plus the actual token."""
+        decode = self.tokenizer.decode
+        entry = {
+            int(t): Logprob(float(v), r + 1, decode([int(t)], skip_special_tokens=False))
+            for r, (t, v) in enumerate(zip(top_ids[:k], top_lps[:k], strict=True))
+        }
+        if token_id not in entry:
+            entry[token_id] = Logprob(
+                float(logprob), int(rank), decode([token_id], skip_special_tokens=False)
             )
-        return d
+        return entry
+
+    def _logprob_dict(self, result: Any, row: int, k: int | None) -> dict[int, Logprob]:
+        top_ids = result.top_token_ids[row] if result.top_token_ids is not None else ()
+        top_lps = result.top_logprobs[row] if result.top_logprobs is not None else ()
+        return self._logprob_entry(
+            result.token_ids[row], result.logprobs[row], result.ranks[row], top_ids, top_lps, k or 0
+        )
 
     def _record_prompt_logprobs(
         self, lp: Any, prompt_rows: list, owners: list[RequestState]
     ) -> None:
         for r, ((_, _, next_id), state) in enumerate(zip(prompt_rows, owners, strict=True)):
-            k = state.params.prompt_logprobs or 0
-            d = {
-                int(t): Logprob(
-                    float(v), rank + 1, self.tokenizer.decode([int(t)], skip_special_tokens=False)
-                )
-                for rank, (t, v) in enumerate(
-                    zip(lp.top_token_ids[r][:k], lp.top_logprobs[r][:k], strict=True)
-                )
-            }
-            if next_id not in d:
-                d[next_id] = Logprob(
-                    float(lp.logprobs[r]),
-                    int(lp.ranks[r]),
-                    self.tokenizer.decode([next_id], skip_special_tokens=False),
-                )
-            state.prompt_logprobs.append(d)
+            entry = self._logprob_entry(
+                next_id, lp.logprobs[r], lp.ranks[r], lp.top_token_ids[r], lp.top_logprobs[r],
+                state.params.prompt_logprobs or 0,
+            )  # fmt: skip
+            state.prompt_logprobs.append(entry)
 
     def _update_stats(self) -> None:
         s = self.stats

@@ -32,7 +32,7 @@ from serve.async_engine import (
 from serve.errors import APIError, bad_request, error_body, param_of
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
-_PROMPT_FIELDS = {"prompt", "n", "max_tokens"}
+_PROMPT_FIELDS = {"prompt", "n", "max_tokens", "stop_token_ids"}  # fields engine ValueErrors name
 
 
 @dataclasses.dataclass(slots=True)
@@ -91,24 +91,6 @@ def check_context(
         )
 
 
-def check_engine_limits(state: ServerState, params: SamplingParams) -> None:
-    """400 for values the engine cannot take, before they reach its worker thread.
-
-    n is checked here because the engine builds per-sample state before its scheduler
-    rejects n > max_num_seqs (a huge n would stall the worker); stop_token_ids end up in
-    the sampler's int32 arrays, and ids outside the vocabulary can never be generated.
-    """
-    max_num_seqs = state.engine.scheduler.max_num_seqs
-    if params.n > max_num_seqs:
-        raise bad_request(f"n is {params.n} but max_num_seqs is {max_num_seqs}", "n")
-    vocab = state.engine.model_config.vocab_size
-    for token_id in params.stop_token_ids or ():
-        if not 0 <= token_id < vocab:
-            raise bad_request(
-                f"stop_token_ids must be in [0, {vocab}), got {token_id}", "stop_token_ids"
-            )
-
-
 async def submit(
     state: ServerState,
     request_ids: list[str],
@@ -117,7 +99,6 @@ async def submit(
     prompt_param: str,
 ) -> list[RequestStream]:
     """Add one engine request per prompt; all or none (a failure aborts those added)."""
-    check_engine_limits(state, params)
     arrival = time.time()
     streams: list[RequestStream] = []
     try:
