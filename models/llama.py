@@ -69,11 +69,16 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half RoPE as in HF Llama. x: [T, heads, e]; positions: [T]."""
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [T, 1, e] (f32) for positions [T]; computed once per step, shared by all layers."""
     freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, e/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]  # [T, 1, e]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE as in HF Llama. x: [T, heads, e]; cos, sin: [T, 1, e]."""
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
@@ -154,7 +159,7 @@ class Llama(nnx.Module):
         c = self.config
         num_tokens = batch.token_ids.shape[0]
         scale = 1.0 / math.sqrt(c.head_dim)
-        inv_freq = self.inv_freq[...]
+        cos, sin = rope_tables(batch.positions, self.inv_freq[...])
         x = self.embed[...][batch.token_ids]  # [t, d]
 
         def layer(carry: tuple[jax.Array, jax.Array], xs: tuple) -> tuple:
@@ -166,8 +171,8 @@ class Llama(nnx.Module):
             v = h @ w["wv"]
             if c.attention_bias:
                 q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-            q = apply_rope(q.reshape(num_tokens, -1, c.head_dim), batch.positions, inv_freq)
-            k = apply_rope(k.reshape(num_tokens, -1, c.head_dim), batch.positions, inv_freq)
+            q = apply_rope(q.reshape(num_tokens, -1, c.head_dim), cos, sin)
+            k = apply_rope(k.reshape(num_tokens, -1, c.head_dim), cos, sin)
             v = v.reshape(num_tokens, -1, c.head_dim)
             pool = write_kv(
                 pool, layer_idx, k.astype(pool.dtype), v.astype(pool.dtype), batch.slot_mapping
