@@ -29,10 +29,13 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # None: max(2048, ...) see resolve()
     enable_prefix_caching: bool = True
-    attention_backend: str = "auto"  # auto | xla | pallas
+    attention_backend: str = "auto"  # auto | cpu | xla | pallas
     seed: int = 0
     warmup: str = "none"  # none | decode | all: step shapes compiled at start (the server: decode)
     enable_compile_cache: bool = True
+    # layers unrolled over per-layer weight arrays (faster steps, longer compiles) instead of
+    # a lax.scan over stacked weights, whose slices XLA copies every step
+    unroll_layers: bool = False
 
     def __post_init__(self) -> None:
         def check(ok: bool, field: str, msg: str) -> None:
@@ -65,9 +68,9 @@ class EngineConfig:
         check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 8,
               "max_num_batched_tokens", "must be >= 8")  # fmt: skip
         check(
-            self.attention_backend in ("auto", "xla", "pallas"),
+            self.attention_backend in ("auto", "cpu", "xla", "pallas"),
             "attention_backend",
-            "must be auto, xla or pallas",
+            "must be auto, cpu, xla or pallas",
         )
         check(self.warmup in ("none", "decode", "all"), "warmup", "must be none, decode or all")
 
@@ -81,5 +84,19 @@ class EngineConfig:
         return self.jax_dtype() if self.kv_cache_dtype == "auto" else _DTYPES[self.kv_cache_dtype]
 
     def resolved_backend(self) -> str:
+        """The attention backend to run: `auto` is the C++ `cpu` kernel on CPU when it builds.
+
+        Raises ValueError when `cpu` is asked for explicitly and cannot be built here.
+        """
+        if self.attention_backend in ("auto", "cpu") and jax.default_backend() == "cpu":
+            from jpaged.paths import kernels_cache_dir
+            from pallas_kernels import paged_attention_cpu
+
+            if paged_attention_cpu.load(kernels_cache_dir()):
+                return "cpu"
+            if self.attention_backend == "cpu":
+                raise ValueError("attention_backend cpu: the C++ kernel could not be built")
+        if self.attention_backend == "cpu":
+            raise ValueError("attention_backend cpu runs only on the CPU platform")
         # auto will pick pallas on accelerators once the kernels exist (#4); xla until then
         return "xla"

@@ -20,6 +20,7 @@ from jpaged.kv_pool import (
     kv_bytes_per_block,
     num_blocks_for_budget,
 )
+from jpaged.malloc_tuning import tune_malloc
 from jpaged.model_runner import ModelRunner, StepSeq, all_step_shapes
 from jpaged.outputs import Logprob, RequestMetrics, RequestOutput
 from jpaged.request import RequestState, SampleTrack
@@ -79,6 +80,7 @@ class LLMEngine:
         """Load the model (or take a prebuilt `model` + `tokenizer`), size and allocate the pool."""
         t0 = time.perf_counter()
         self.config = config
+        tune_malloc()
         if config.enable_compile_cache:
             enable_compile_cache()
         dtype = jnp.dtype(config.jax_dtype())
@@ -93,11 +95,16 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
+        model.attention_backend = config.resolved_backend()
         kv_dtype = jnp.dtype(config.jax_kv_dtype())
         num_blocks = self._num_blocks(model, kv_dtype)
         kv_pool = allocate_kv_pool(mc, num_blocks, config.block_size, kv_dtype)
         self.runner = ModelRunner(
-            model, kv_pool, block_size=config.block_size, max_model_len=self.max_model_len
+            model,
+            kv_pool,
+            block_size=config.block_size,
+            max_model_len=self.max_model_len,
+            unroll_layers=config.unroll_layers,
         )
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
@@ -117,10 +124,10 @@ class LLMEngine:
         self.stats = EngineStats(num_blocks=num_blocks, block_size=config.block_size)
         self.stats.load_time_s = time.perf_counter() - t0
         logger.info(
-            "KV pool: %d blocks of %d tokens (%d tokens, %.1f MiB, %s); load %.2fs",
+            "KV pool: %d blocks of %d tokens (%d tokens, %.1f MiB, %s); attention %s; load %.2fs",
             num_blocks, config.block_size, num_blocks * config.block_size,
             num_blocks * kv_bytes_per_block(mc, config.block_size, kv_dtype) / 2**20, kv_dtype,
-            self.stats.load_time_s,
+            model.attention_backend, self.stats.load_time_s,
         )  # fmt: skip
         if config.warmup != "none":
             shapes = all_step_shapes(config.max_num_seqs, self.max_num_batched_tokens)

@@ -19,10 +19,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jpaged.sampler import SamplingRow, build_sampling_tensors, compute_logprobs, sample
-from models.llama import Llama, ModelBatch
+from models.llama import Llama, ModelBatch, llama_forward
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +119,12 @@ class ModelRunner:
         *,
         block_size: int,
         max_model_len: int,
+        unroll_layers: bool = True,
     ) -> None:
-        self.graphdef, self.state = nnx.split(model)
+        self.config = model.config
+        self.attention_backend = model.attention_backend
+        # Per-layer weight arrays (unrolled layers): no weight copies inside the step.
+        self.params = model.params(unstack=unroll_layers)
         self.kv_pool = kv_pool
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
@@ -134,9 +137,8 @@ class ModelRunner:
         """Distinct step programs traced so far (one per bucket shape used)."""
         return self._step._cache_size()
 
-    def _step_fn(self, state, kv_pool, batch, copies, sampling, prompt_lp, num_logprobs):  # noqa: ANN001, ANN202
+    def _step_fn(self, params, kv_pool, batch, copies, sampling, prompt_lp, num_logprobs):  # noqa: ANN001, ANN202
         """prompt_lp: ([P] flat token index, [P] next prompt token id), P = 0 when unused."""
-        model = nnx.merge(self.graphdef, state)
         if copies.shape[0]:  # copy-on-write: [C, 2] (src, dst) block ids, padding (0, 0)
             kv_pool = kv_pool.at[:, copies[:, 1]].set(kv_pool[:, copies[:, 0]])
         num_rows = batch.logits_index.shape[0]
@@ -144,7 +146,7 @@ class ModelRunner:
         if prompt_index.shape[0]:  # extra logits rows for prompt logprobs
             index = jnp.concatenate([batch.logits_index, prompt_index])
             batch = dataclasses.replace(batch, logits_index=index)
-        logits, kv_pool = model(kv_pool, batch)
+        logits, kv_pool = llama_forward(self.config, params, kv_pool, batch, self.attention_backend)
         sampled = sample(logits[:num_rows], sampling, num_logprobs)
         prompt_out = None
         if prompt_index.shape[0]:
@@ -234,7 +236,7 @@ class ModelRunner:
             prompt_index[: len(prompt_rows)] = offsets[rows_arr[:, 0]] + rows_arr[:, 1]
             prompt_next[: len(prompt_rows)] = rows_arr[:, 2]
         self.kv_pool, out, prompt_out = self._step(
-            self.state,
+            self.params,
             self.kv_pool,
             batch,
             copies,

@@ -34,3 +34,10 @@ def xla_cache_dir() -> Path:
     path = cache_dir() / "xla"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def kernels_cache_dir() -> Path:
+    """`cache_dir()/kernels`: C++ kernels compiled for this machine (the `cpu` attention)."""
+    path = cache_dir() / "kernels"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -17,7 +17,11 @@ import numpy as np
 from flax import nnx
 
 from models.config import LlamaConfig
+from pallas_kernels.paged_attention_cpu import paged_attention_cpu
 from pallas_kernels.paged_attention_xla import paged_attention, write_kv
+
+# attention_backend name -> paged attention with the `paged_attention` signature
+ATTENTION_BACKENDS = {"xla": paged_attention, "cpu": paged_attention_cpu}
 
 
 @jax.tree_util.register_dataclass
@@ -131,8 +135,88 @@ def layer_weight_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def decoder_layer(
+    c: LlamaConfig,
+    w: dict[str, jax.Array],
+    layer_idx: jax.Array | int,
+    x: jax.Array,
+    kv_pool: jax.Array,
+    batch: ModelBatch,
+    rope: tuple[jax.Array, jax.Array],
+    attention_backend: str,
+) -> tuple[jax.Array, jax.Array]:
+    """One decoder layer. w: this layer's weights; x: [t, d]. Returns (x, kv_pool)."""
+    num_tokens = x.shape[0]
+    cos, sin = rope
+    h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
+    q = h @ w["wq"]
+    k = h @ w["wk"]
+    v = h @ w["wv"]
+    if c.attention_bias:
+        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+    q = apply_rope(q.reshape(num_tokens, -1, c.head_dim), cos, sin)
+    k = apply_rope(k.reshape(num_tokens, -1, c.head_dim), cos, sin)
+    v = v.reshape(num_tokens, -1, c.head_dim)
+    kv_pool = write_kv(
+        kv_pool, layer_idx, k.astype(kv_pool.dtype), v.astype(kv_pool.dtype), batch.slot_mapping
+    )
+    q_rows = q[batch.query_index]  # [s, q, h, e]
+    attn = ATTENTION_BACKENDS[attention_backend](
+        q_rows,
+        kv_pool,
+        layer_idx,
+        batch.block_tables,
+        batch.seq_lens,
+        batch.q_positions,
+        scale=1.0 / math.sqrt(c.head_dim),
+    )
+    attn = attn[batch.token_seq, batch.token_q].reshape(num_tokens, -1)  # [t, h*e]
+    o = attn @ w["wo"]
+    if c.attention_bias:
+        o = o + w["bo"]
+    x = x + o
+    h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
+    x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
+    return x, kv_pool
+
+
+def llama_forward(
+    c: LlamaConfig,
+    params: dict,
+    kv_pool: jax.Array,
+    batch: ModelBatch,
+    attention_backend: str = "xla",
+) -> tuple[jax.Array, jax.Array]:
+    """The model as a pure function. Returns (logits [R, v] f32, kv_pool).
+
+    params: embed [v, d], final_norm [d], inv_freq [e/2], lm_head [d, v] (untied only), and
+    layers: either a dict of stacked [L, ...] weights, run under `lax.scan` (compile time
+    independent of depth), or a list of L per-layer dicts, run unrolled. On CPU the list is
+    faster: XLA copies each scan iteration's weight slices out of the stacked arrays (every
+    weight byte written and read once more per step), which per-layer arrays avoid.
+    """
+    rope = rope_tables(batch.positions, params["inv_freq"])
+    x = params["embed"][batch.token_ids]  # [t, d]
+    layers = params["layers"]
+    if isinstance(layers, dict):
+
+        def body(carry: tuple[jax.Array, jax.Array], xs: tuple) -> tuple:
+            w, layer_idx = xs
+            return decoder_layer(c, w, layer_idx, *carry, batch, rope, attention_backend), None
+
+        layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
+        (x, kv_pool), _ = jax.lax.scan(body, (x, kv_pool), (layers, layer_ids))
+    else:
+        for i, w in enumerate(layers):
+            x, kv_pool = decoder_layer(c, w, i, x, kv_pool, batch, rope, attention_backend)
+    x = rms_norm(x[batch.logits_index], params["final_norm"], c.rms_norm_eps)  # [r, d]
+    head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
+    logits = jnp.dot(x, head, preferred_element_type=jnp.float32)  # [r, v]
+    return logits, kv_pool
+
+
 class Llama(nnx.Module):
-    """Llama decoder; layers stacked on a leading axis and run under `lax.scan`."""
+    """Llama decoder; per-layer weights stacked on a leading axis ([L, ...])."""
 
     def __init__(self, config: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
         c = config
@@ -153,56 +237,34 @@ class Llama(nnx.Module):
         if not c.tie_word_embeddings:
             self.lm_head = nnx.Param(init(rngs.params(), (c.hidden_size, c.vocab_size), dtype))
         self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(c)))
+        self.attention_backend = "xla"  # a key of ATTENTION_BACKENDS (static)
+
+    def params(self, *, unstack: bool = False) -> dict:
+        """The weights as `llama_forward` takes them; `unstack`: layers as a per-layer list."""
+        layers = {name: p[...] for name, p in self.layers.items()}
+        params = {
+            "embed": self.embed[...],
+            "final_norm": self.final_norm[...],
+            "inv_freq": self.inv_freq[...],
+            "layers": layers,
+        }
+        if not self.config.tie_word_embeddings:
+            params["lm_head"] = self.lm_head[...]
+        if unstack:
+            params["layers"] = unstack_layers(layers, self.config.num_hidden_layers)
+        return params
 
     def __call__(self, kv_pool: jax.Array, batch: ModelBatch) -> tuple[jax.Array, jax.Array]:
         """Run one step. kv_pool: [L, blocks, 2, block_size, k, e]. Returns (logits [R, v] f32, kv_pool)."""
-        c = self.config
-        num_tokens = batch.token_ids.shape[0]
-        scale = 1.0 / math.sqrt(c.head_dim)
-        cos, sin = rope_tables(batch.positions, self.inv_freq[...])
-        x = self.embed[...][batch.token_ids]  # [t, d]
+        return llama_forward(self.config, self.params(), kv_pool, batch, self.attention_backend)
 
-        def layer(carry: tuple[jax.Array, jax.Array], xs: tuple) -> tuple:
-            x, pool = carry
-            w, layer_idx = xs
-            h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-            q = h @ w["wq"]
-            k = h @ w["wk"]
-            v = h @ w["wv"]
-            if c.attention_bias:
-                q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-            q = apply_rope(q.reshape(num_tokens, -1, c.head_dim), cos, sin)
-            k = apply_rope(k.reshape(num_tokens, -1, c.head_dim), cos, sin)
-            v = v.reshape(num_tokens, -1, c.head_dim)
-            pool = write_kv(
-                pool, layer_idx, k.astype(pool.dtype), v.astype(pool.dtype), batch.slot_mapping
-            )
-            q_rows = q[batch.query_index]  # [s, q, h, e]
-            attn = paged_attention(
-                q_rows,
-                pool,
-                layer_idx,
-                batch.block_tables,
-                batch.seq_lens,
-                batch.q_positions,
-                scale=scale,
-            )
-            attn = attn[batch.token_seq, batch.token_q].reshape(num_tokens, -1)  # [t, h*e]
-            o = attn @ w["wo"]
-            if c.attention_bias:
-                o = o + w["bo"]
-            x = x + o
-            h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
-            x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
-            return (x, pool), None
 
-        weights = {name: p[...] for name, p in self.layers.items()}
-        layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
-        (x, kv_pool), _ = jax.lax.scan(layer, (x, kv_pool), (weights, layer_ids))
-        x = rms_norm(x[batch.logits_index], self.final_norm[...], c.rms_norm_eps)  # [r, d]
-        head = self.embed[...].T if c.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.dot(x.astype(jnp.float32), head.astype(jnp.float32))  # [r, v]
-        return logits, kv_pool
+def unstack_layers(layers: dict, num_layers: int) -> list[dict]:
+    """Stacked [L, ...] layer weights (any pytree) -> a list of L per-layer pytrees (copies)."""
+    split = jax.jit(
+        lambda tree: [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(num_layers)]
+    )
+    return split(layers)
 
 
 def llama_from_hf_tensors(

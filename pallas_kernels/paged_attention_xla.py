@@ -73,7 +73,7 @@ def write_kv(
     return kv_pool.at[layer, blocks, :, offsets].set(kv, mode="drop")
 
 
-def _check_attention_args(
+def check_attention_args(
     q: jax.Array,
     kv_pool: jax.Array,
     layer: jax.Array,
@@ -122,7 +122,7 @@ def paged_attention(
     an f32 online softmax. pages_per_tile None: ~DEFAULT_TILE_TOKENS keys per tile.
     Raises ValueError on mismatched shapes or pages_per_tile < 1.
     """
-    _check_attention_args(q, kv_pool, layer, block_tables, seq_lens, q_positions)
+    check_attention_args(q, kv_pool, layer, block_tables, seq_lens, q_positions)
     num_layers, num_blocks, _, block_size, num_kv_heads, head_dim = kv_pool.shape
     if pages_per_tile is None:
         pages_per_tile = max(1, DEFAULT_TILE_TOKENS // block_size)
@@ -221,7 +221,7 @@ def paged_attention_reference(
     Memory is O(S * W * block_size); use it for tests, not for serving.
     """
     del pages_per_tile
-    _check_attention_args(q, kv_pool, layer, block_tables, seq_lens, q_positions)
+    check_attention_args(q, kv_pool, layer, block_tables, seq_lens, q_positions)
     _, _, _, block_size, num_kv_heads, head_dim = kv_pool.shape
     num_seqs, q_len, num_heads, _ = q.shape
     group = num_heads // num_kv_heads

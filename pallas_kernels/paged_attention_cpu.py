@@ -1,0 +1,148 @@
+"""The `cpu` attention backend: paged attention as a C++ XLA FFI custom call.
+
+On CPU, decode is bound by reading K/V, and XLA's gathers copy pages at ~6 GB/s into a
+temporary before any dot sees them. `paged_attention_cpu.cc` instead walks each sequence's
+block table and reads every page once, straight from the pool, converting rows to f32 in
+registers (f32, bf16, f16, fp8 e4m3fn / e5m2 pools), with an online softmax; work items
+(query tile, kv head) are shared over XLA's intra-op thread pool.
+
+The shared library is compiled on first use with the system C++ compiler
+(`$CXX`, else `g++`, `-O3 -march=native`) into `$JPAGED_CACHE_DIR/kernels/`, keyed by the
+source, flags, compiler, jaxlib and CPU, so later processes only load it. `load()`
+says whether that worked; the engine falls back to the `xla` backend when it did not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.paged_attention_xla import check_attention_args
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("paged_attention_cpu.cc")
+_TARGET = "jpaged_paged_attention_cpu"
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC"]
+_QUERY_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+KV_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn, jnp.float8_e5m2)
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(compiler: str, build_dir: Path) -> Path:
+    import jaxlib
+
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()[0]
+    key = hashlib.sha256(
+        "\0".join(
+            [_SOURCE.read_text(), " ".join(_FLAGS), version, jaxlib.__version__, _cpu_signature()]
+        ).encode()
+    ).hexdigest()[:16]
+    out = build_dir / f"paged_attention_cpu-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        subprocess.run(
+            [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(tmp_out)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        os.replace(tmp_out, out)  # atomic: concurrent builders never see a partial file
+    return out
+
+
+def load(build_dir: Path) -> bool:
+    """Build the kernel into `build_dir` (once per machine) and register it with XLA.
+
+    Returns False (and logs why) where no C++ compiler or no working build exists.
+    """
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"])
+        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+        try:
+            if compiler is None:
+                raise RuntimeError("no C++ compiler found (set CXX)")
+            lib = ctypes.CDLL(str(_build(compiler, Path(build_dir))))
+            jax.ffi.register_ffi_target(
+                _TARGET, jax.ffi.pycapsule(lib.JpagedPagedAttention), platform="cpu"
+            )
+            _state["lib"] = lib  # keep the library loaded
+            _state["ok"] = True
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", "") or str(err)
+            logger.warning("cpu attention kernel unavailable, using xla: %s", detail[-2000:])
+            _state["ok"] = False
+        return bool(_state["ok"])
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "pages_per_tile"))
+def paged_attention_cpu(
+    q: jax.Array,
+    kv_pool: jax.Array,
+    layer: jax.Array,
+    block_tables: jax.Array,
+    seq_lens: jax.Array,
+    q_positions: jax.Array,
+    *,
+    scale: float,
+    pages_per_tile: int | None = None,
+) -> jax.Array:
+    """Causal attention of padded query tiles over paged K/V (same contract as the xla one).
+
+    q: [S, Q, H, D] f32/bf16/f16; kv_pool: [L, NB, 2, bs, KV, D] f32/bf16/f16/fp8;
+    layer: scalar int; block_tables: [S, W] int32; seq_lens: [S] int32 (0 = padding);
+    q_positions: [S, Q] int32 (-1 = padding). Returns [S, Q, H, D] in q.dtype, exactly 0
+    for padding queries. `pages_per_tile` is accepted and ignored (the kernel walks pages).
+    Raises ValueError on mismatched shapes or dtypes, RuntimeError if the kernel cannot
+    be loaded (see `load`).
+    """
+    del pages_per_tile
+    check_attention_args(q, kv_pool, layer, block_tables, seq_lens, q_positions)
+    if q.dtype not in _QUERY_DTYPES:
+        raise ValueError(f"q dtype must be float32, bfloat16 or float16, got {q.dtype}")
+    if kv_pool.dtype not in KV_DTYPES:
+        raise ValueError(f"kv_pool dtype {kv_pool.dtype} is not supported by the cpu kernel")
+    if q.shape[3] > 256:
+        raise ValueError(f"head_dim must be <= 256, got {q.shape[3]}")
+    if not _state.get("ok"):
+        raise RuntimeError("the cpu attention kernel is not loaded: call load(build_dir) first")
+    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
+    return call(
+        q,
+        kv_pool,
+        jnp.asarray(layer, jnp.int32).reshape(()),
+        block_tables.astype(jnp.int32),
+        seq_lens.astype(jnp.int32),
+        q_positions.astype(jnp.int32),
+        scale=np.float32(scale),
+    )

@@ -1,0 +1,117 @@
+"""Tests for pallas_kernels.paged_attention_cpu (the C++ FFI kernel, the `cpu` backend).
+
+Same cases and float64 ground truth as tests/test_paged_attention.py: shuffled block tables,
+NaN in block 0 and in every slot past a context, partial last pages, decode tokens mixed
+with prefill chunks and padding. Tolerances (vs float64): f32 and f16/bf16 queries as there;
+fp8 pools are compared with the dense attention of the fp8-rounded K/V.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpaged.paths import kernels_cache_dir
+from pallas_kernels import paged_attention, paged_attention_cpu
+from tests.test_paged_attention import (
+    LAYER,
+    attend,
+    check,
+    make_case,
+    random_seqs,
+)
+
+pytestmark = pytest.mark.skipif(
+    not paged_attention_cpu.load(kernels_cache_dir()), reason="no C++ compiler on this machine"
+)
+kernel = paged_attention_cpu.paged_attention_cpu
+
+CONFIGS = [  # (seed, block_size, head_dim, num_kv_heads, group, dtype, num_seqs, max_new)
+    (0, 8, 16, 2, 1, "float32", 5, 64),
+    (1, 16, 64, 2, 4, "float32", 4, 64),
+    (2, 32, 128, 1, 8, "float32", 3, 40),
+    (3, 16, 64, 3, 3, "float32", 9, 1),  # a pure decode batch, Q = 1, SmolLM2's heads
+    (4, 64, 64, 1, 2, "float32", 3, 24),
+    (5, 16, 64, 3, 3, "bfloat16", 5, 48),
+    (6, 32, 16, 2, 4, "bfloat16", 4, 64),
+]
+
+
+@pytest.mark.parametrize(("seed", "bs", "d", "kv", "g", "dtype", "n", "max_new"), CONFIGS)
+def test_cpu_kernel_matches_dense(seed, bs, d, kv, g, dtype, n, max_new):
+    rng = np.random.default_rng(seed)
+    case = make_case(
+        rng, random_seqs(rng, n, max_new), block_size=bs, head_dim=d, num_kv_heads=kv,
+        group=g, dtype=dtype,
+    )  # fmt: skip
+    out = attend(case, kernel)
+    check(case, out, dtype)
+    # and it agrees with the xla backend on the same pool (bf16: up to one output rounding)
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    np.testing.assert_allclose(out, attend(case, paged_attention), rtol=tol, atol=1e-5)
+
+
+def test_long_context_decode_and_chunk():
+    rng = np.random.default_rng(9)
+    seqs = [(2048, 1), (1, 1), (1500, 32), (0, 0), (777, 1)]
+    case = make_case(rng, seqs, block_size=16, head_dim=64, num_kv_heads=2, group=4,
+                     dtype="float32")  # fmt: skip
+    check(case, attend(case, kernel), "float32")
+
+
+@pytest.mark.parametrize("kv_dtype", ["float16", "float8_e4m3fn", "float8_e5m2"])
+def test_low_precision_pools(kv_dtype):
+    """The pool in f16 / fp8: equal to dense attention over the same rounded K/V."""
+    rng = np.random.default_rng(21)
+    case = make_case(rng, random_seqs(rng, 5, 24), block_size=16, head_dim=64, num_kv_heads=2,
+                     group=3, dtype="float32")  # fmt: skip
+    from jax import lax
+
+    from pallas_kernels import write_kv
+
+    pool = write_kv(case.kv_pool, jnp.int32(LAYER), case.k_new, case.v_new, case.slot_mapping)
+    low = pool.astype(kv_dtype)
+    meta = (jnp.int32(LAYER), case.block_tables, case.seq_lens, case.q_positions)
+    got = np.asarray(kernel(case.q, low, *meta, scale=case.scale))
+    # oracle: the xla backend over the rounded pool converted back to f32 (NaN slots stay NaN
+    # or become garbage; neither may be read)
+    want = np.asarray(paged_attention(case.q, low.astype(jnp.float32), *meta, scale=case.scale))
+    padding = np.asarray(case.q_positions) < 0
+    assert np.isfinite(got).all() and (got[padding] == 0).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert lax.is_finite(jnp.asarray(got)).all()
+
+
+def test_in_a_jitted_layer_scan_with_donated_pool():
+    """Inside lax.scan with the pool as the carry (as the model runs it): same as eager."""
+    rng = np.random.default_rng(5)
+    case = make_case(rng, [(40, 1), (17, 3), (0, 0), (64, 1)], block_size=8, head_dim=16,
+                     num_kv_heads=2, group=2, dtype="float32")  # fmt: skip
+    from pallas_kernels import write_kv
+
+    meta = (case.block_tables, case.seq_lens, case.q_positions)
+
+    def step(kv_pool: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def layer_step(pool: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
+            pool = write_kv(pool, layer, case.k_new, case.v_new, case.slot_mapping)
+            return pool, kernel(case.q, pool, layer, *meta, scale=case.scale)
+
+        return jax.lax.scan(layer_step, kv_pool, jnp.arange(2, dtype=jnp.int32))
+
+    _, outs = jax.jit(step, donate_argnums=0)(case.kv_pool.copy())
+    check(case, np.asarray(outs[LAYER]), "float32")
+
+
+def test_bad_inputs_raise_value_error():
+    rng = np.random.default_rng(3)
+    case = make_case(rng, [(9, 2), (4, 1)], block_size=4, head_dim=8, num_kv_heads=2, group=2,
+                     dtype="float32")  # fmt: skip
+    args = (jnp.int32(LAYER), case.block_tables, case.seq_lens, case.q_positions)
+    with pytest.raises(ValueError, match=r"q heads \(3\)"):
+        kernel(case.q[..., :3, :], case.kv_pool, *args, scale=1.0)
+    with pytest.raises(ValueError, match="q dtype"):
+        kernel(case.q.astype(jnp.int32), case.kv_pool, *args, scale=1.0)
+    with pytest.raises(ValueError, match="kv_pool dtype"):
+        kernel(case.q, case.kv_pool.astype(jnp.int8), *args, scale=1.0)
