@@ -81,5 +81,10 @@ class EngineConfig:
         return self.jax_dtype() if self.kv_cache_dtype == "auto" else _DTYPES[self.kv_cache_dtype]
 
     def resolved_backend(self) -> str:
-        # auto will pick pallas on accelerators once the kernels exist (#4); xla until then
-        return "xla"
+        """The attention backend after resolving `auto`: pallas on GPUs, xla elsewhere.
+
+        `pallas` off a GPU runs the kernels in Pallas interpret mode (slow; for tests).
+        """
+        if self.attention_backend == "auto":
+            return "pallas" if jax.default_backend() == "gpu" else "xla"
+        return self.attention_backend

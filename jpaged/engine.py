@@ -97,8 +97,9 @@ class LLMEngine:
         num_blocks = self._num_blocks(model, kv_dtype)
         kv_pool = allocate_kv_pool(mc, num_blocks, config.block_size, kv_dtype)
         self.runner = ModelRunner(
-            model, kv_pool, block_size=config.block_size, max_model_len=self.max_model_len
-        )
+            model, kv_pool, block_size=config.block_size, max_model_len=self.max_model_len,
+            attention_backend=config.resolved_backend(),
+        )  # fmt: skip
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
             block_size=config.block_size,

@@ -120,7 +120,9 @@ class ModelRunner:
         *,
         block_size: int,
         max_model_len: int,
+        attention_backend: str = "xla",
     ) -> None:
+        self.attention_backend = attention_backend  # "xla" | "pallas", fixed per runner
         self.graphdef, self.state = nnx.split(model)
         self.kv_pool = kv_pool
         self.block_size = block_size
@@ -144,7 +146,7 @@ class ModelRunner:
         if prompt_index.shape[0]:  # extra logits rows for prompt logprobs
             index = jnp.concatenate([batch.logits_index, prompt_index])
             batch = dataclasses.replace(batch, logits_index=index)
-        logits, kv_pool = model(kv_pool, batch)
+        logits, kv_pool = model(kv_pool, batch, self.attention_backend)
         sampled = sample(logits[:num_rows], sampling, num_logprobs)
         prompt_out = None
         if prompt_index.shape[0]:

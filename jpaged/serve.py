@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quantization", "-q", default=None,
         help="weight quantization method (none supported yet)")  # fmt: skip
     add("--attention-backend", default="auto", choices=["auto", "xla", "pallas"],
-        help="attention implementation: xla (jax.numpy, the CPU path); pallas is not built yet")  # fmt: skip
+        help="attention: auto = pallas on GPU, xla elsewhere; pallas off a GPU is interpreted (slow)")  # fmt: skip
     add("--seed", type=int, default=0, help="seed for requests that give none")
     add("--chat-template", default=None,
         help="Jinja chat template, a file path or the template text (default: the model's)")  # fmt: skip

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import LlamaConfig
-from pallas_kernels.paged_attention_xla import paged_attention, write_kv
+from pallas_kernels import attention_functions
 
 
 @jax.tree_util.register_dataclass
@@ -154,9 +154,15 @@ class Llama(nnx.Module):
             self.lm_head = nnx.Param(init(rngs.params(), (c.hidden_size, c.vocab_size), dtype))
         self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(c)))
 
-    def __call__(self, kv_pool: jax.Array, batch: ModelBatch) -> tuple[jax.Array, jax.Array]:
-        """Run one step. kv_pool: [L, blocks, 2, block_size, k, e]. Returns (logits [R, v] f32, kv_pool)."""
+    def __call__(
+        self, kv_pool: jax.Array, batch: ModelBatch, attention_backend: str = "xla"
+    ) -> tuple[jax.Array, jax.Array]:
+        """Run one step. kv_pool: [L, blocks, 2, block_size, k, e]. Returns (logits [R, v] f32, kv_pool).
+
+        attention_backend (static): "xla" or "pallas" (see pallas_kernels.attention_functions).
+        """
         c = self.config
+        paged_attention, write_kv = attention_functions(attention_backend)
         num_tokens = batch.token_ids.shape[0]
         scale = 1.0 / math.sqrt(c.head_dim)
         cos, sin = rope_tables(batch.positions, self.inv_freq[...])

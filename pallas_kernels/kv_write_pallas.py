@@ -55,7 +55,7 @@ def write_kv(
 
     kv_pool: [L, NB, 2, bs, KV, D]; layer: scalar int (may be traced); k, v: [T, KV, D];
     slot_mapping: [T] int32, distinct for real tokens (padding tokens point into block 0).
-    interpret None: interpret mode unless running on a GPU. Raises ValueError on mismatched
+    interpret None: interpret mode unless the target is a GPU. Raises ValueError on mismatched
     shapes, a non-int32 slot_mapping, or a non-power-of-two head_dim.
     """
     _check_pool(kv_pool)

@@ -106,7 +106,7 @@ def paged_decode_attention(
     seq_lens: [S] i32 (0 = padding sequence); q_positions: [S, 1] i32 (-1 = padding). The
     query sees keys 0..min(seq_len - 1, q_position). Returns [S, 1, H, D] in q.dtype;
     padding gives exactly 0. pages_per_tile None: ~64 keys per tile; num_splits None:
-    `default_num_splits`; interpret None: interpret mode unless running on a GPU.
+    `default_num_splits`; interpret None: interpret mode unless the target is a GPU.
     Raises ValueError on mismatched shapes or dtypes, a non-power-of-two head_dim or
     block_size, q_len != 1, or bad pages_per_tile / num_splits.
     """

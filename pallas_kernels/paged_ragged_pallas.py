@@ -98,7 +98,7 @@ def ragged_paged_attention(
     q_positions: [S, Q] i32 absolute positions, -1 for padding queries. A query at p sees
     keys 0..p of its own sequence. Returns [S, Q, H, D] in q.dtype; padding queries give
     exactly 0. pages_per_tile None: ~64 keys per tile; interpret None: interpret mode
-    unless running on a GPU. Raises ValueError on mismatched shapes or dtypes, a
+    unless the target is a GPU. Raises ValueError on mismatched shapes or dtypes, a
     non-power-of-two head_dim or block_size, or a bad pages_per_tile.
     """
     check_pallas_args(q, kv_pool, layer, block_tables, seq_lens, q_positions)

@@ -33,8 +33,16 @@ def next_pow2(n: int) -> int:
 
 
 def default_interpret(interpret: bool | None) -> bool:
-    """None: interpret unless the default backend is a GPU (Triton kernels run nowhere else)."""
-    return jax.default_backend() != "gpu" if interpret is None else interpret
+    """None: interpret mode unless the target is a GPU (Triton kernels compile nowhere else).
+
+    The target is the abstract device of the current abstract mesh when one is set (as when
+    lowering for CUDA on a machine without a GPU), else the default backend.
+    """
+    if interpret is not None:
+        return interpret
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    return platform != "gpu"
 
 
 def pages_per_tile_for(block_size: int, pages_per_tile: int | None) -> int:
