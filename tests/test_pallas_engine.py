@@ -36,19 +36,37 @@ def test_config_resolves_backends():
         EngineConfig(attention_backend="triton")
 
 
+def staggered_greedy(model, tokenizer, backend: str, prompts, max_tokens: int) -> list:
+    """prompts[0] prefills alone; the rest join at step 2 next to its first decode token
+    (a mixed step); then decode steps. Three step shapes in all (compiles are the cost)."""
+    config = EngineConfig(attention_backend=backend, warmup="none", num_blocks=64, block_size=8,
+                          max_model_len=128)  # fmt: skip
+    engine = LLMEngine(config, model=model, tokenizer=tokenizer)
+    first = SamplingParams(temperature=0, ignore_eos=True, max_tokens=max_tokens + 1)
+    engine.add_request("0", prompts[0], first)  # one more token: all finish at one step
+    engine.step()
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=max_tokens)
+    for i, prompt in enumerate(prompts[1:], 1):
+        engine.add_request(str(i), prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    assert engine.runner.attention_backend == backend
+    assert engine.runner.num_compilations == 3
+    return [done[str(i)] for i in range(len(prompts))]
+
+
 def test_tiny_model_pallas_equals_xla(default_model_dir):
-    config = tiny_llama_config(vocab_size=49152, hidden_size=64, intermediate_size=128,
+    config = tiny_llama_config(vocab_size=512, hidden_size=64, intermediate_size=128,
                                head_dim=16, num_attention_heads=8, num_key_value_heads=2,
                                num_hidden_layers=2, eos_token_id=2)  # fmt: skip
     model = llama_from_hf_tensors(config, random_llama_tensors(config, 5).items(), jnp.float32)
     tokenizer = Tokenizer.from_dir(default_model_dir)
     rng = np.random.default_rng(1)
-    # 3 prompts of different lengths; a 24-token budget chunks the longest one, so steps mix
-    # prefill chunks with decode tokens; 8-token blocks give partial last pages.
-    prompts = [rng.integers(100, 49000, n).tolist() for n in (5, 19, 41)]
-    options = dict(num_blocks=64, block_size=8, max_model_len=128, max_num_batched_tokens=24)
-    want = greedy_tokens(model, tokenizer, "xla", prompts, 6, **options)
-    got = greedy_tokens(model, tokenizer, "pallas", prompts, 6, **options)
+    # GQA 4:1; 8-token blocks, so contexts end in partial pages.
+    prompts = [rng.integers(100, 500, n).tolist() for n in (19, 5, 11)]  # SmolLM2's ids
+    want = staggered_greedy(model, tokenizer, "xla", prompts, 6)
+    got = staggered_greedy(model, tokenizer, "pallas", prompts, 6)
     assert got == want
 
 
