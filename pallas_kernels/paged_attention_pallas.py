@@ -14,8 +14,9 @@ source, and on this CPU-only machine):
 - Mosaic GPU (`jax.experimental.pallas.mosaic_gpu`) is documented as the "experimental GPU
   backend for Pallas targeting H100"; its quickstart targets Hopper, its fast paths (TMA,
   WGMMA, warp specialisation) are Hopper/Blackwell features. Its `pallas_call` does not
-  lower without a GPU here (AssertionError in its lowering, even with jax-cuda12-plugin),
-  so nothing written for it could be checked in this project's CPU CI.
+  lower without a GPU: no lowering rule is registered (`assert rule is not None` in
+  `pallas_call.gpu_lowering`, checked here; FACTS.md: the same with jax-cuda12-plugin), so
+  nothing written for it could be checked in this project's CPU CI.
 - The Triton backend (`jax.experimental.pallas.triton`) is deprecated since jax 0.11 (the
   lowering warns "will be removed in a future JAX version") but is still the one shipped,
   working Pallas GPU backend in 0.12. It runs on every NVIDIA GPU Triton supports (Ampere
@@ -27,6 +28,9 @@ source, and on this CPU-only machine):
 - No Hopper-only feature is used, so one code path serves Ampere and Hopper alike. When
   the Triton backend is removed from JAX, these kernels need porting (Mosaic GPU, or
   jax-triton with the official Triton bindings); the interpret-mode tests stay the spec.
+- Not yet run on a GPU: lowering (checked) builds the Triton IR, but Triton's compilation
+  to PTX and the numerics on hardware are unverified; `attention_backend="xla"` is the
+  fallback on a GPU.
 """
 
 from __future__ import annotations
