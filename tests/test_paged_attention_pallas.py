@@ -73,7 +73,7 @@ def test_decode_kernel_matches_dense_and_reference(seed, bs, d, kv, g, dtype, op
 
 
 RAGGED = [  # (seed, block_size, head_dim, num_kv_heads, group, dtype, num_seqs, max_new, options)
-    (10, 8, 128, 2, 2, "float32", 5, 37, {}),  # Q = 37: padded to 64 query slots
+    (10, 8, 128, 4, 1, "float32", 5, 37, {}),  # Q = 37: padded to 64 query slots
     (11, 16, 64, 1, 8, "bfloat16", 4, 32, {}),
     (12, 32, 64, 3, 3, "bfloat16", 6, 16, {}),
     (14, 16, 128, 2, 4, "float32", 4, 24, {"pages_per_tile": 2}),  # 32-key tiles
@@ -94,13 +94,14 @@ def test_ragged_kernel_matches_dense_and_reference(seed, bs, d, kv, g, dtype, n,
     check(case, run(case, ragged_paged_attention, **options), reference_out(case), dtype)
 
 
-def test_model_entry_on_a_whole_prompt():
-    """The model-facing entry (Q > 1 -> ragged kernel; Q == 1 -> decode kernel, as the
-    engine test exercises): a whole prompt from position 0 next to a decode token."""
+def test_model_entry_dispatches_by_query_length():
+    """The model-facing entry, GQA 2: Q > 1 -> ragged kernel (a whole prompt from position 0
+    next to a decode token), Q == 1 -> decode kernel."""
     rng = np.random.default_rng(20)
-    case = make_case(rng, [(40, 40), (17, 1), (0, 0), (64, 3)], block_size=16, head_dim=64,
-                     num_kv_heads=2, group=2, dtype="float32")  # fmt: skip
-    check(case, run(case, pallas.paged_attention), reference_out(case), "float32")
+    for seqs in ([(40, 40), (17, 1), (0, 0), (64, 3)], [(70, 1), (5, 1)]):
+        case = make_case(rng, seqs, block_size=16, head_dim=64, num_kv_heads=2, group=2,
+                         dtype="float32")  # fmt: skip
+        check(case, run(case, pallas.paged_attention), reference_out(case), "float32")
 
 
 def test_write_kv_kernel_equals_xla_scatter():
