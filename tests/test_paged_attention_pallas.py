@@ -4,10 +4,10 @@ Cases come from tests/test_paged_attention.make_case: shuffled block tables, NaN
 and in every slot past a context, partial last pages, padding sequences and queries. Each
 case checks the kernel against float64 dense attention and against the jnp reference.
 
-Tolerances (elementwise): f32 rtol = atol = 1e-5 (measured max |err| ~5e-7). bf16 (inputs
+Tolerances (elementwise): f32 rtol = atol = 1e-5 (measured max |err| 6.4e-7). bf16 (inputs
 exactly representable in f64) rtol = atol = 1e-2: besides the output's own bf16 rounding
 (2**-8 relative), the kernel rounds the probabilities to bf16 for the PV dot, as GPU flash
-attention does, an error <= 2**-9 * max|v| (~1e-2 for |v| <= 5); measured max ~2.5e-3.
+attention does, an error <= 2**-9 * max|v| (~1e-2 for |v| <= 5); measured max 4.4e-3.
 """
 
 from __future__ import annotations
