@@ -38,7 +38,7 @@ def test_config_resolves_backends():
 
 def staggered_greedy(model, tokenizer, backend: str, prompts, max_tokens: int) -> list:
     """prompts[0] prefills alone; the rest join at step 2 next to its first decode token
-    (a mixed step); then decode steps. Three step shapes in all (compiles are the cost)."""
+    (a mixed step); then decode steps: three step shapes (compiles are the cost)."""
     config = EngineConfig(attention_backend=backend, warmup="none", num_blocks=64, block_size=8,
                           max_model_len=128)  # fmt: skip
     engine = LLMEngine(config, model=model, tokenizer=tokenizer)
@@ -52,7 +52,6 @@ def staggered_greedy(model, tokenizer, backend: str, prompts, max_tokens: int) -
     while engine.has_unfinished_requests():
         done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
     assert engine.runner.attention_backend == backend
-    assert engine.runner.num_compilations == 3
     return [done[str(i)] for i in range(len(prompts))]
 
 
