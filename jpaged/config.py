@@ -8,6 +8,10 @@ import jax
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16", "half": "float16"}  # fmt: skip
+# KV pool dtypes beyond _DTYPES, vLLM's names: fp8 = e4m3 (stored unscaled, as vLLM does
+# with its default k/v scales of 1.0; e4m3 holds magnitudes up to 448)
+_KV_DTYPES = {**_DTYPES, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
+              "fp8_e5m2": "float8_e5m2"}  # fmt: skip
 
 
 @dataclasses.dataclass(slots=True)
@@ -47,8 +51,8 @@ class EngineConfig:
             "dtype",
             "must be auto, float32, bfloat16 or float16",
         )
-        check(self.kv_cache_dtype == "auto" or self.kv_cache_dtype in _DTYPES, "kv_cache_dtype",
-              "must be auto, float32, bfloat16 or float16")  # fmt: skip
+        check(self.kv_cache_dtype == "auto" or self.kv_cache_dtype in _KV_DTYPES, "kv_cache_dtype",
+              "must be auto, float32, bfloat16, float16, fp8, fp8_e4m3 or fp8_e5m2")  # fmt: skip
         check(
             self.block_size in (8, 16, 32, 64, 128, 256),
             "block_size",
@@ -81,14 +85,20 @@ class EngineConfig:
         return _DTYPES[self.dtype]
 
     def jax_kv_dtype(self) -> str:
-        return self.jax_dtype() if self.kv_cache_dtype == "auto" else _DTYPES[self.kv_cache_dtype]
+        """The KV pool's dtype name (`auto` = the weights' dtype)."""
+        if self.kv_cache_dtype == "auto":
+            return self.jax_dtype()
+        return _KV_DTYPES[self.kv_cache_dtype]
 
     def resolved_backend(self) -> str:
-        """The attention backend to run: `auto` is the C++ `cpu` kernel on CPU when it builds.
+        """The attention backend to run after resolving `auto`.
 
-        Raises ValueError when `cpu` is asked for explicitly and cannot be built here.
+        auto: pallas on GPUs; on CPU the C++ `cpu` kernel where it builds, else xla.
+        `pallas` off a GPU runs the kernels in Pallas interpret mode (slow; for tests).
+        Raises ValueError when `cpu` is asked for and cannot run here.
         """
-        if self.attention_backend in ("auto", "cpu") and jax.default_backend() == "cpu":
+        on_cpu = jax.default_backend() == "cpu"
+        if self.attention_backend in ("auto", "cpu") and on_cpu:
             from jpaged.paths import kernels_cache_dir
             from pallas_kernels import paged_attention_cpu
 
@@ -98,5 +108,6 @@ class EngineConfig:
                 raise ValueError("attention_backend cpu: the C++ kernel could not be built")
         if self.attention_backend == "cpu":
             raise ValueError("attention_backend cpu runs only on the CPU platform")
-        # auto will pick pallas on accelerators once the kernels exist (#4); xla until then
-        return "xla"
+        if self.attention_backend == "auto":
+            return "pallas" if jax.default_backend() == "gpu" else "xla"
+        return self.attention_backend

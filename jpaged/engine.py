@@ -95,7 +95,7 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
-        model.attention_backend = config.resolved_backend()
+        attention_backend = config.resolved_backend()
         kv_dtype = jnp.dtype(config.jax_kv_dtype())
         num_blocks = self._num_blocks(model, kv_dtype)
         kv_pool = allocate_kv_pool(mc, num_blocks, config.block_size, kv_dtype)
@@ -104,6 +104,7 @@ class LLMEngine:
             kv_pool,
             block_size=config.block_size,
             max_model_len=self.max_model_len,
+            attention_backend=attention_backend,
             unroll_layers=config.unroll_layers,
         )
         self.scheduler = Scheduler(
@@ -127,7 +128,7 @@ class LLMEngine:
             "KV pool: %d blocks of %d tokens (%d tokens, %.1f MiB, %s); attention %s; load %.2fs",
             num_blocks, config.block_size, num_blocks * config.block_size,
             num_blocks * kv_bytes_per_block(mc, config.block_size, kv_dtype) / 2**20, kv_dtype,
-            model.attention_backend, self.stats.load_time_s,
+            attention_backend, self.stats.load_time_s,
         )  # fmt: skip
         if config.warmup != "none":
             shapes = all_step_shapes(config.max_num_seqs, self.max_num_batched_tokens)

@@ -119,11 +119,12 @@ class ModelRunner:
         *,
         block_size: int,
         max_model_len: int,
-        unroll_layers: bool = True,
+        attention_backend: str = "xla",
+        unroll_layers: bool = False,
     ) -> None:
         self.config = model.config
-        self.attention_backend = model.attention_backend
-        # Per-layer weight arrays (unrolled layers): no weight copies inside the step.
+        self.attention_backend = attention_backend  # a key of ATTENTION_BACKENDS, fixed
+        # unroll_layers: per-layer weight arrays, so the step copies no weight slices
         self.params = model.params(unstack=unroll_layers)
         self.kv_pool = kv_pool
         self.block_size = block_size

@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", default="auto",
         help="weights/activations dtype: auto (float32 on CPU, bfloat16 on GPU), float32, "
              "bfloat16, float16")  # fmt: skip
-    add("--kv-cache-dtype", default="auto", help="KV pool dtype: auto (= --dtype) or a dtype")
+    add("--kv-cache-dtype", default="auto",
+        help="KV pool dtype: auto (= --dtype), float32, bfloat16, float16, fp8 (= fp8_e4m3), "
+             "fp8_e5m2")  # fmt: skip
     add("--max-model-len", type=parse_size, default=None,
         help="context length (prompt + output) in tokens (default: the model's)")  # fmt: skip
     add("--block-size", type=int, default=16, help="tokens per KV block (8..256, power of two)")
@@ -97,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="share KV blocks of identical prompt prefixes across requests")  # fmt: skip
     add("--quantization", "-q", default=None,
         help="weight quantization method (none supported yet)")  # fmt: skip
-    add("--attention-backend", default="auto", choices=["auto", "xla", "pallas"],
-        help="attention implementation: xla (jax.numpy, the CPU path); pallas is not built yet")  # fmt: skip
+    add("--attention-backend", default="auto", choices=["auto", "cpu", "xla", "pallas"],
+        help="attention: auto = pallas on GPU; on CPU the C++ kernel (cpu) where a compiler "
+             "builds it, else xla; pallas off a GPU is interpreted (slow)")  # fmt: skip
     add("--seed", type=int, default=0, help="seed for requests that give none")
     add("--chat-template", default=None,
         help="Jinja chat template, a file path or the template text (default: the model's)")  # fmt: skip

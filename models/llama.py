@@ -17,11 +17,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import LlamaConfig
-from pallas_kernels.paged_attention_cpu import paged_attention_cpu
-from pallas_kernels.paged_attention_xla import paged_attention, write_kv
-
-# attention_backend name -> paged attention with the `paged_attention` signature
-ATTENTION_BACKENDS = {"xla": paged_attention, "cpu": paged_attention_cpu}
+from pallas_kernels import attention_functions
 
 
 @jax.tree_util.register_dataclass
@@ -157,11 +153,12 @@ def decoder_layer(
     q = apply_rope(q.reshape(num_tokens, -1, c.head_dim), cos, sin)
     k = apply_rope(k.reshape(num_tokens, -1, c.head_dim), cos, sin)
     v = v.reshape(num_tokens, -1, c.head_dim)
+    paged_attention, write_kv = attention_functions(attention_backend)
     kv_pool = write_kv(
         kv_pool, layer_idx, k.astype(kv_pool.dtype), v.astype(kv_pool.dtype), batch.slot_mapping
     )
     q_rows = q[batch.query_index]  # [s, q, h, e]
-    attn = ATTENTION_BACKENDS[attention_backend](
+    attn = paged_attention(
         q_rows,
         kv_pool,
         layer_idx,
@@ -237,7 +234,6 @@ class Llama(nnx.Module):
         if not c.tie_word_embeddings:
             self.lm_head = nnx.Param(init(rngs.params(), (c.hidden_size, c.vocab_size), dtype))
         self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(c)))
-        self.attention_backend = "xla"  # a key of ATTENTION_BACKENDS (static)
 
     def params(self, *, unstack: bool = False) -> dict:
         """The weights as `llama_forward` takes them; `unstack`: layers as a per-layer list."""
@@ -254,9 +250,14 @@ class Llama(nnx.Module):
             params["layers"] = unstack_layers(layers, self.config.num_hidden_layers)
         return params
 
-    def __call__(self, kv_pool: jax.Array, batch: ModelBatch) -> tuple[jax.Array, jax.Array]:
-        """Run one step. kv_pool: [L, blocks, 2, block_size, k, e]. Returns (logits [R, v] f32, kv_pool)."""
-        return llama_forward(self.config, self.params(), kv_pool, batch, self.attention_backend)
+    def __call__(
+        self, kv_pool: jax.Array, batch: ModelBatch, attention_backend: str = "xla"
+    ) -> tuple[jax.Array, jax.Array]:
+        """Run one step. kv_pool: [L, blocks, 2, block_size, k, e]. Returns (logits [R, v] f32, kv_pool).
+
+        attention_backend (static): a name in pallas_kernels.ATTENTION_BACKENDS.
+        """
+        return llama_forward(self.config, self.params(), kv_pool, batch, attention_backend)
 
 
 def unstack_layers(layers: dict, num_layers: int) -> list[dict]:
