@@ -62,7 +62,7 @@ def main() -> None:
     settings = cpu_env(args.kv_space_gib, args.threads_bind, args.openmp)
     os.environ.update(settings)
     compile_cache = Path(os.environ.get("VLLM_CACHE_ROOT", "~/.cache/vllm")).expanduser()
-    cache_warm = (compile_cache / "torch_compile_cache").is_dir()
+    cache_dir_existed = (compile_cache / "torch_compile_cache").is_dir()  # any model or dtype
 
     import vllm
     from vllm import LLM, SamplingParams
@@ -96,7 +96,7 @@ def main() -> None:
         "seconds": round(elapsed, 2),
         "output_tok_s": round(useful / elapsed, 1),
         "start_s": round(start_s, 2),
-        "compile_cache_warm_before": cache_warm,
+        "compile_cache_dir_existed": cache_dir_existed,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "openmp": args.openmp,
