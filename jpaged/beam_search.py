@@ -265,7 +265,9 @@ class BeamSearcher:
         candidates = []
         for i, (cum, r, _) in enumerate(sources):
             ids, lps = result.top_token_ids[r][:k], result.top_logprobs[r][:k]
-            candidates += [_Candidate(cum + float(lp), i, int(t)) for t, lp in zip(ids, lps)]
+            candidates += [
+                _Candidate(cum + float(lp), i, int(t)) for t, lp in zip(ids, lps, strict=True)
+            ]
         candidates.sort(key=lambda c: -c.cumulative_logprob)  # stable: beam, then rank order
         del candidates[k:]
         req.num_generated += 1

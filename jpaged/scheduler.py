@@ -169,7 +169,10 @@ class Scheduler:
 
     def _check_decoding(self, seq_id: int) -> Sequence:
         seq = self.get_seq(seq_id)
-        if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != seq.num_tokens - 1:
+        if (
+            seq.status is not SequenceStatus.RUNNING
+            or seq.num_computed_tokens != seq.num_tokens - 1
+        ):
             raise ValueError(f"seq {seq_id} is not running with only its last token to compute")
         return seq
 
