@@ -179,6 +179,16 @@ class BeamSearcher:
                 f"prompt has {len(prompt_token_ids)} tokens but max_model_len is {max_model_len}"
             )
         max_tokens = min(params.max_tokens, room)
+        bm = self.scheduler.block_manager
+        shared = len(prompt_token_ids) // bm.block_size  # full prompt blocks, never copied
+        worst = shared + params.beam_width * (
+            bm.blocks_for(len(prompt_token_ids) + max_tokens - 1) - shared
+        )
+        if worst > bm.num_usable_blocks:  # else a lone request could preempt itself forever
+            raise ValueError(
+                f"beam_width {params.beam_width} with max_tokens {max_tokens} needs up to "
+                f"{worst} blocks but the KV pool has {bm.num_usable_blocks}"
+            )
         k = max(2, 1 + len(self.eos_token_ids)) * params.beam_width
         req = BeamRequest(
             request_id=request_id,
