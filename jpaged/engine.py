@@ -180,10 +180,15 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: PromptType,
-        params: SamplingParams | None = None,
+        params: SamplingParams | BeamSearchParams | None = None,
         arrival_time: float | None = None,
     ) -> None:
-        """Queue a request. ValueError if it can never fit (context or pool), or the id is taken."""
+        """Queue a request. ValueError if it can never fit (context or pool), or the id is taken.
+
+        BeamSearchParams make it a beam search (see add_beam_request).
+        """
+        if isinstance(params, BeamSearchParams):
+            return self.add_beam_request(request_id, prompt, params, arrival_time)
         params = params or SamplingParams()
         if request_id in self.requests or request_id in self.beam_search:
             raise ValueError(f"request_id {request_id!r} is already in use")
