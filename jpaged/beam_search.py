@@ -318,13 +318,12 @@ class BeamSearcher:
     ) -> None:
         """Re-point the seqs at the new beams: reuse, fork (sharing blocks) or free at once."""
         sched = self.scheduler
-        seq_of: list[int] = []
         forks: list[tuple[int, int]] = []  # (new beam index, seq to fork)
         spare: list[int] = []
         children: list[list[int]] = [[] for _ in sources]
         for j, c in enumerate(new):
             children[c.source].append(j)
-        seq_of = [-1] * len(new)
+        seq_of = [-1] * len(new)  # the seq each new beam lives in
         for i, (_, _, seq_ids) in enumerate(sources):
             kids = children[i]
             for n, j in enumerate(kids):
