@@ -17,6 +17,8 @@ _EXPORTS = {
     "LLMEngine": "jpaged.engine",
     "EngineConfig": "jpaged.config",
     "SamplingParams": "jpaged.sampling_params",
+    "BeamSearchParams": "jpaged.beam_search",
+    "BeamSearchOutput": "jpaged.beam_search",
     "RequestOutput": "jpaged.outputs",
     "CompletionOutput": "jpaged.outputs",
     "Logprob": "jpaged.outputs",

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jpaged.beam_search import BeamSearcher, BeamSearchParams
 from jpaged.config import EngineConfig
 from jpaged.detokenizer import IncrementalDetokenizer
 from jpaged.kv_pool import (
@@ -122,6 +123,7 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self._seq_request: dict[int, tuple[RequestState, SampleTrack]] = {}
         self._rng = random.Random(config.seed)
+        self.beam_search = BeamSearcher(self.scheduler, tokenizer, self.eos_token_ids)
         self.stats = EngineStats(num_blocks=num_blocks, block_size=config.block_size)
         self.stats.load_time_s = time.perf_counter() - t0
         logger.info(
@@ -186,12 +188,17 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: PromptType,
-        params: SamplingParams | None = None,
+        params: SamplingParams | BeamSearchParams | None = None,
         arrival_time: float | None = None,
     ) -> None:
-        """Queue a request. ValueError if it can never fit (context or pool), or the id is taken."""
+        """Queue a request. ValueError if it can never fit (context or pool), or the id is taken.
+
+        BeamSearchParams make it a beam search (see add_beam_request).
+        """
+        if isinstance(params, BeamSearchParams):
+            return self.add_beam_request(request_id, prompt, params, arrival_time)
         params = params or SamplingParams()
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.beam_search:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n is {params.n} but max_num_seqs is {self.config.max_num_seqs}")
@@ -246,10 +253,34 @@ class LLMEngine:
         self._seq_request[seq.seq_id] = (state, tracks[0])
         self.stats.prompt_tokens += len(ids)
 
+    def add_beam_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: BeamSearchParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a beam search (jpaged.beam_search); its one output comes when it finishes.
+
+        ValueError if the id is taken, beam_width > max_num_seqs or too wide for the top
+        logprobs, or the request can never fit.
+        """
+        if request_id in self.requests or request_id in self.beam_search:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if params.beam_width > self.config.max_num_seqs:
+            raise ValueError(
+                f"beam_width is {params.beam_width} but max_num_seqs is {self.config.max_num_seqs}"
+            )
+        text, ids = self.tokenize_prompt(prompt)
+        self.beam_search.add(request_id, text, ids, params, self.max_model_len, arrival_time)
+        self.stats.prompt_tokens += len(ids)
+
     def abort_request(self, request_id: str | Sequence[str]) -> None:
         """Stop requests now; their blocks are freed at once. Unknown ids are ignored."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
+            if self.beam_search.abort(rid):
+                continue
             state = self.requests.pop(rid, None)
             if state is None:
                 continue
@@ -261,10 +292,10 @@ class LLMEngine:
         self._update_stats()
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or bool(self.beam_search)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.requests)
+        return len(self.requests) + len(self.beam_search)
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -273,6 +304,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
+        self.beam_search.note_preempted(out.preempted_seq_ids)
         seqs, rows, row_seq, row_ids, prompt_rows, prompt_owner = [], [], [], [], [], []
         for i, s in enumerate(out.scheduled):
             seqs.append(StepSeq(s.token_ids, s.start_position, s.block_table))
@@ -293,8 +325,13 @@ class LLMEngine:
         if prompt_rows:
             self._record_prompt_logprobs(result.prompt_logprobs, prompt_rows, prompt_owner)
         self.scheduler.postprocess(out, dict(zip(row_ids, result.token_ids, strict=True)))
+        beam_rows = [(r, sid) for r, sid in enumerate(row_ids) if sid not in self._seq_request]
+        beam_outputs, num_beam_tokens = self.beam_search.process(beam_rows, result)
+        self.stats.generation_tokens += num_beam_tokens
         touched: dict[str, RequestState] = {}
         for r, sid in enumerate(row_ids):
+            if sid not in self._seq_request:
+                continue  # a beam's
             state, track = self._seq_request[sid]
             top = (
                 self._logprob_dict(result, r, state.params.logprobs)
@@ -311,10 +348,12 @@ class LLMEngine:
             if state.finished:
                 del self.requests[state.request_id]
         self._update_stats()
-        return [s.to_output() for s in touched.values()]
+        return [s.to_output() for s in touched.values()] + beam_outputs
 
     def _sampling_row(self, seq_id: int) -> SamplingRow:
         seq = self.scheduler.get_seq(seq_id)
+        if (beam_row := self.beam_search.sampling_row(seq)) is not None:
+            return beam_row
         if seq_id not in self._seq_request:  # a child just forked from its request's parent
             state = self.requests[seq.request_id]
             self._seq_request[seq_id] = (state, state.tracks[seq.sample_index])

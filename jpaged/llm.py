@@ -8,6 +8,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from jpaged.beam_search import BeamSearchOutput, BeamSearchParams, to_beam_output
 from jpaged.config import EngineConfig
 from jpaged.engine import LLMEngine, PromptType
 from jpaged.outputs import RequestOutput
@@ -50,11 +51,7 @@ class LLM:
         ValueError if a prompt or the number of sampling params is invalid; nothing is
         queued in that case.
         """
-        if isinstance(prompts, str | dict) or (
-            isinstance(prompts, list | tuple) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = self._as_list(prompts)
         if sampling_params is None:
             params = [SamplingParams()] * len(prompts)
         elif isinstance(sampling_params, SamplingParams):
@@ -66,6 +63,21 @@ class LLM:
                     f"sampling_params has {len(params)} entries but there are {len(prompts)} prompts"
                 )
         return self._run(prompts, params, use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search each prompt inside the engine (beams share blocks); input order.
+
+        Each output holds params.beam_width beams, best score first. ValueError as
+        `generate` (nothing queued), or for a beam_width the engine cannot serve.
+        """
+        prompts = self._as_list(prompts)
+        outs = self._run(prompts, [params] * len(prompts), use_tqdm)
+        return [to_beam_output(o, params.length_penalty) for o in outs]
 
     def chat(
         self,
@@ -87,15 +99,29 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    @staticmethod
+    def _as_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+        if isinstance(prompts, str | dict) or (
+            isinstance(prompts, list | tuple) and prompts and isinstance(prompts[0], int)
+        ):
+            return [prompts]
+        return list(prompts)
+
     def _run(
-        self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool
+        self,
+        prompts: list[PromptType],
+        params: Sequence[SamplingParams | BeamSearchParams],
+        use_tqdm: bool,
     ) -> list[RequestOutput]:
         engine = self.engine
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         added: list[str] = []
         try:
             for rid, prompt, p in zip(ids, prompts, params, strict=True):
-                engine.add_request(rid, prompt, p)
+                if isinstance(p, BeamSearchParams):
+                    engine.add_beam_request(rid, prompt, p)
+                else:
+                    engine.add_request(rid, prompt, p)
                 added.append(rid)
         except ValueError:
             engine.abort_request(added)

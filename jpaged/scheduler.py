@@ -145,6 +145,37 @@ class Scheduler:
             self.finish_seq(seq_id)
         return seq_ids
 
+    def fork_seq(self, seq_id: int, last_token_id: int) -> Sequence:
+        """A running copy of a running seq (beam search), sharing all its blocks, whose last
+        (not yet computed) token is last_token_id; it runs from the next schedule().
+
+        Raises KeyError for an unknown seq, ValueError unless it runs with exactly its last
+        token left to compute.
+        """
+        seq = self._check_decoding(seq_id)
+        child_id = next_seq_id()
+        while child_id in self._seqs:
+            child_id = next_seq_id()
+        child = seq.fork(child_id, seq.sample_index)
+        child.token_ids[-1] = last_token_id
+        self.block_manager.fork(seq, child)
+        self._register(child)
+        self.running.append(child)
+        return child
+
+    def replace_last_token(self, seq_id: int, token_id: int) -> None:
+        """Swap a running seq's last (not yet computed) token, as beam search re-picks it."""
+        self._check_decoding(seq_id).token_ids[-1] = token_id
+
+    def _check_decoding(self, seq_id: int) -> Sequence:
+        seq = self.get_seq(seq_id)
+        if (
+            seq.status is not SequenceStatus.RUNNING
+            or seq.num_computed_tokens != seq.num_tokens - 1
+        ):
+            raise ValueError(f"seq {seq_id} is not running with only its last token to compute")
+        return seq
+
     def get_seq(self, seq_id: int) -> Sequence:
         """An unfinished seq (waiting or running). KeyError once finished."""
         try:

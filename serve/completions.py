@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import SamplingParams
 from serve.async_engine import RequestStream
+from serve.beam import best_n, engine_params
 from serve.errors import bad_request
 from serve.generation import (
     ChoiceCursor,
@@ -81,9 +82,16 @@ async def create_completion(
         prompts.append({"prompt": text, "prompt_token_ids": ids})
         echo_texts.append((text or "") if body.echo else "")
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    streams = await submit(
-        state, [f"{request_id}-{i}" for i in range(len(prompts))], prompts, params, "prompt"
-    )
+    streams = []
+    for i, prompt in enumerate(prompts):  # engine params depend on the prompt's context room
+        submitted = engine_params(params, best_of=body.best_of, use_beam_search=body.use_beam_search,
+                                  length_penalty=body.length_penalty,
+                                  room=state.max_model_len - len(prompt["prompt_token_ids"]))  # fmt: skip
+        try:
+            streams += await submit(state, [f"{request_id}-{i}"], [prompt], submitted, "prompt")
+        except BaseException:
+            abort_unfinished(state, streams)
+            raise
     created = int(time.time())
     num_prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
     n = params.n
@@ -119,8 +127,8 @@ async def create_completion(
         return finals
     choices, generated = [], 0
     for i, final in enumerate(finals):
-        for j, out in enumerate(final.outputs):
-            generated += len(out.token_ids)
+        generated += sum(len(out.token_ids) for out in final.outputs)  # best_of: all count
+        for j, out in enumerate(best_n(final, n, body.use_beam_search).outputs):
             logprobs = None
             if params.logprobs is not None:
                 cursor = ChoiceCursor(text_offset=len(echo_texts[i]))
@@ -159,7 +167,10 @@ async def create_chat_completion(
     check_context(len(ids), params.max_tokens, state.max_model_len, "messages", max_tokens_param)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     prompt = {"prompt": text, "prompt_token_ids": ids}
-    streams = await submit(state, [request_id], [prompt], params, "messages")
+    submitted = engine_params(params, best_of=None, use_beam_search=body.use_beam_search,
+                              length_penalty=body.length_penalty,
+                              room=state.max_model_len - len(ids))  # fmt: skip
+    streams = await submit(state, [request_id], [prompt], submitted, "messages")
     created = int(time.time())
     top_k = body.top_logprobs or 0
 

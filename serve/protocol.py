@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from jpaged.sampling_params import MAX_LOGPROBS, SamplingParams
+from serve.beam import check_beam_fields
 from serve.errors import bad_request, param_of
 
 _SAMPLING_FIELDS = {f for f in SamplingParams.__dataclass_fields__}
@@ -70,6 +71,8 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    use_beam_search: bool = False  # serve/beam.py
+    length_penalty: float = 1.0
 
     def check_common(self) -> None:
         """Checks that need no engine: unsupported fields and stream_options without stream."""
@@ -155,15 +158,16 @@ class CompletionRequest(_SamplingRequest):
 
     def to_sampling_params(self) -> SamplingParams:
         self.check_common()
-        if self.best_of is not None and self.best_of != self.n:
-            raise bad_request("best_of other than n is not supported yet", "best_of")
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix")
         if self.echo and self.logprobs is not None:
             raise bad_request(
                 "echo with logprobs needs prompt logprobs, which are not supported yet", "echo"
             )
-        return self.sampling_params(self.max_tokens, self.logprobs, {})
+        params = self.sampling_params(self.max_tokens, self.logprobs, {})
+        check_beam_fields(n=self.n, best_of=self.best_of, use_beam_search=self.use_beam_search,
+                          stream=self.stream, params=params, logprobs_param="logprobs")  # fmt: skip
+        return params
 
 
 class TextPart(BaseModel):
@@ -231,9 +235,12 @@ class ChatCompletionRequest(_SamplingRequest):
         if max_tokens is None:
             max_tokens, name = self.max_tokens, "max_tokens"
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(
+        params = self.sampling_params(
             max_tokens, logprobs, {"max_tokens": name, "logprobs": "top_logprobs"}
         )
+        check_beam_fields(n=self.n, best_of=None, use_beam_search=self.use_beam_search,
+                          stream=self.stream, params=params, logprobs_param="logprobs")  # fmt: skip
+        return params
 
 
 class TokenizeRequest(BaseModel):

@@ -125,6 +125,27 @@ def test_fork_n_samples_and_copy_on_write():
     assert sched.block_manager.num_used_blocks == 0 and not sched.has_unfinished()
 
 
+def test_fork_seq_and_replace_last_token_for_beams():
+    sched = make_scheduler(block_size=4)
+    seq = add(sched, 1, [1, 2, 3, 4, 5, 6], max_tokens=8)
+    with pytest.raises(ValueError, match="not running with only its last token to compute"):
+        sched.fork_seq(1, 77)  # still waiting
+    step(sched)  # the prompt; seq now ends in its sampled (uncomputed) token 1001
+    sched.replace_last_token(1, 50)
+    child = sched.fork_seq(1, 60)
+    assert (seq.output_token_ids, child.output_token_ids) == ([50], [60])
+    assert child.block_table == seq.block_table == [1, 2]
+    assert [sched.block_manager.blocks[b].ref_count for b in (1, 2)] == [2, 2]
+    sched.check_invariants()
+    out = step(sched)  # both write position 6 into the shared partial block 2: one copy
+    assert summary(out) == [(1, 6, 1), (child.seq_id, 6, 1)]
+    assert [s.token_ids for s in out.scheduled] == [[50], [60]] and out.block_copies == [(2, 3)]
+    sched.finish_seq(child.seq_id)  # a beam that falls out: its blocks back at once
+    assert sched.block_manager.num_used_blocks == 2
+    sched.abort_request("req1")
+    assert sched.block_manager.num_used_blocks == 0
+
+
 def test_samples_count_against_max_num_seqs():
     sched = make_scheduler(max_num_seqs=4)
     add(sched, 1, [1, 2, 3], n=3)
