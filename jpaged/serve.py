@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV pool size in blocks; overrides both memory options")  # fmt: skip
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
         help="share KV blocks of identical prompt prefixes across requests")  # fmt: skip
-    add("--quantization", "-q", default=None,
-        help="weight quantization method (none supported yet)")  # fmt: skip
+    add("--quantization", "-q", default=None, choices=["int8", "awq", "gptq"],
+        help="int8: weight-only per channel, from a float checkpoint; awq / gptq: a 4-bit "
+             "checkpoint (default: what config.json's quantization_config says)")  # fmt: skip
     add("--attention-backend", default="auto", choices=["auto", "xla", "pallas"],
         help="attention implementation: xla (jax.numpy, the CPU path); pallas is not built yet")  # fmt: skip
     add("--seed", type=int, default=0, help="seed for requests that give none")
@@ -133,8 +134,6 @@ def _check_unsupported(args: argparse.Namespace, parser: argparse.ArgumentParser
             f"--tensor-parallel-size {args.tensor_parallel_size} is not supported yet "
             "(tensor parallelism is not built); use 1"
         )
-    if args.quantization not in (None, "none", "None"):
-        parser.error(f"--quantization {args.quantization} is not supported yet; leave it unset")
     if args.max_queued_requests < 1:
         parser.error(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
     if args.shutdown_timeout < 0:
@@ -166,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching,
             attention_backend=args.attention_backend, seed=args.seed, warmup=args.warmup,
+            quantization=args.quantization,
         )  # fmt: skip
         chat_template = load_chat_template(args.chat_template)
     except ValueError as exc:
