@@ -68,3 +68,26 @@ def test_kernel_input_errors():
         int8_matmul(x, jnp.zeros((64, 32), jnp.int32), jnp.zeros((32,)), interpret=True)
     with pytest.raises(ValueError, match="scale must be"):
         int8_matmul(x, jnp.zeros((64, 32), jnp.int8), jnp.zeros((16,)), interpret=True)
+
+
+def test_kernels_lower_for_gpu():
+    """Both kernels lower to Triton for CUDA (no GPU here: an abstract H100 mesh)."""
+    import jax
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+    gpu = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=gpu)
+    x = jax.ShapeDtypeStruct((64, 576), jnp.bfloat16)
+    int4_args = (x, jax.ShapeDtypeStruct((72, 1536), jnp.int32),
+                 jax.ShapeDtypeStruct((9, 1536), jnp.float16), jax.ShapeDtypeStruct((9, 1536), jnp.uint8))  # fmt: skip
+    int8_args = (
+        x,
+        jax.ShapeDtypeStruct((576, 1536), jnp.int8),
+        jax.ShapeDtypeStruct((1536,), jnp.bfloat16),
+    )
+    with jax.sharding.use_abstract_mesh(mesh):
+        for fn, args in ((int4_matmul, int4_args), (int8_matmul, int8_args)):
+            lowered = (
+                jax.jit(lambda *a, fn=fn: fn(*a)).trace(*args).lower(lowering_platforms=("cuda",))
+            )
+            assert "__gpu$xla.gpu.triton" in lowered.as_text()
