@@ -178,3 +178,23 @@ def linear_weight_bytes(layers: dict[str, jax.Array]) -> tuple[int, int]:
         elif "qweight" in parts:
             as_f32 += parts["qweight"].size * PACK * 4
     return stored, as_f32
+
+
+COLUMN_SPLIT = ("wq", "wk", "wv", "w_gate", "w_up")  # split by output features (N)
+ROW_SPLIT = ("wo", "w_down")  # split by input features (K), i.e. by whole groups
+
+
+def partition_spec(name: str, part: str, axis: str = "tp") -> tuple[str | None, ...]:
+    """Partition spec (as a tuple for `PartitionSpec(*spec)`) of a stacked [L, ...] part.
+
+    Column-split linears shard every part's output axis; row-split ones shard qweight / q8
+    rows and scales / zeros groups (so a shard holds whole groups), with the per-channel
+    int8 scale replicated. `perm` stays replicated: the gather it drives spans all of K.
+    """
+    if part == "perm" or (name in ROW_SPLIT and part == "scale"):
+        return (None, None)
+    if name in COLUMN_SPLIT:
+        return (None, axis) if part == "scale" else (None, None, axis)
+    if name in ROW_SPLIT:
+        return (None, axis, None)
+    raise ValueError(f"{name!r} is not a linear layer name {LINEAR_NAMES}")
