@@ -2,7 +2,7 @@
 
 f32, int8 (quantized at load) and GPTQ act-order 4-bit (written by `python -m
 jpaged.quantize`) of SmolLM2-135M, through `jpaged.LLM`. Perplexity is on the fixed text
-tests/data/quant_ppl.txt; agreement is over W's first 8 requests, truncated to 8 tokens
+tests/data/quant_ppl.txt; agreement is over W's first 8 requests, truncated to 4 tokens
 here (benchmarks/quant.py reports them at full length). Thresholds sit below the figures
 measured on this machine (README, Quantization).
 """
@@ -21,7 +21,7 @@ from jpaged.sampling_params import SamplingParams
 from models.quant import linear_weight_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from quant import agreement, perplexity  # noqa: E402
+from quant import agreement  # noqa: E402
 from workload import workload_w  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -30,17 +30,21 @@ GROUP = 64  # what jpaged.quantize picks for SmolLM2 (576 is not a multiple of 1
 
 
 def _evaluate(llm) -> dict:
+    """Weight bytes, then one generate call: the perplexity request and W's first 8 (4 tokens)."""
     from flax import nnx
 
     model = nnx.merge(llm.engine.runner.graphdef, llm.engine.runner.state)
     stored, as_f32 = linear_weight_bytes({n: p[...] for n, p in model.layers.items()})
-    prompts, out_lens = workload_w()
-    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=8)
-    outs = llm.generate(prompts[:8], params, use_tqdm=False)
+    text_ids = llm.get_tokenizer().encode(TEXT.read_text())
+    prompts, _ = workload_w()
+    params = [SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)]
+    params += [SamplingParams(temperature=0, ignore_eos=True, max_tokens=4)] * 8
+    outs = llm.generate([text_ids, *prompts[:8]], params, use_tqdm=False)
+    lps = [pos[t].logprob for pos, t in zip(outs[0].prompt_logprobs[1:], text_ids[1:], strict=True)]
     return {
         "bytes_ratio": stored / as_f32,
-        "ppl": perplexity(llm, llm.get_tokenizer().encode(TEXT.read_text())),
-        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "ppl": float(np.exp(-np.mean(lps))),
+        "tokens": [list(o.outputs[0].token_ids) for o in outs[1:]],
     }
 
 
@@ -66,6 +70,7 @@ def test_int8_and_4bit_against_f32(default_model_dir, tmp_path):
     assert gptq["ppl"] / f32["ppl"] < 1.5
     a8 = agreement(int8["tokens"], f32["tokens"])
     a4 = agreement(gptq["tokens"], f32["tokens"])
+    print({k: (round(v["bytes_ratio"], 4), round(v["ppl"], 3)) for k, v in results.items()}, a8, a4)
     assert a8["prefix_agreement"] >= 0.5 and a8["first_token_agreement"] >= 0.75
-    assert a4["first_token_agreement"] >= 0.25
-    assert np.mean([len(t) == 8 for t in gptq["tokens"]]) == 1
+    assert a4["first_token_agreement"] >= 0.25  # 4-bit RTN on a 135M model: weak (0.25 measured)
+    assert all(len(t) == 4 for t in gptq["tokens"])
