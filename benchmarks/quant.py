@@ -58,13 +58,11 @@ def agreement(tokens: list[list[int]], ref: list[list[int]]) -> dict:
 
 def weight_bytes(llm) -> dict:
     import jax
-    from flax import nnx
 
     from models.quant import linear_weight_bytes
 
-    model = nnx.merge(llm.engine.runner.graphdef, llm.engine.runner.state)
-    stored, as_f32 = linear_weight_bytes({n: p[...] for n, p in model.layers.items()})
-    total = sum(x.nbytes for x in jax.tree.leaves(llm.engine.runner.state))
+    stored, as_f32 = linear_weight_bytes(llm.engine.runner.params["layers"])
+    total = sum(x.nbytes for x in jax.tree.leaves(llm.engine.runner.params))
     return {"linear_bytes": stored, "linear_bytes_over_f32": round(stored / as_f32, 4),
             "all_weight_bytes": total}  # fmt: skip
 

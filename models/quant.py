@@ -163,8 +163,16 @@ def linear(x: jax.Array, w: dict[str, jax.Array], name: str) -> jax.Array:
     return quant_matmul_xla(x, parts)
 
 
-def linear_weight_bytes(layers: dict[str, jax.Array]) -> tuple[int, int]:
-    """(bytes the linears take as stored, bytes they would take in f32) over stacked layers."""
+def linear_weight_bytes(
+    layers: dict[str, jax.Array] | list[dict[str, jax.Array]],
+) -> tuple[int, int]:
+    """(bytes the linears take as stored, bytes they would take in f32).
+
+    layers: stacked [L, ...] layer weights, or a list of per-layer dicts (unrolled layers).
+    """
+    if isinstance(layers, list):
+        sizes = [linear_weight_bytes(w) for w in layers]
+        return sum(a for a, _ in sizes), sum(b for _, b in sizes)
     stored, as_f32 = 0, 0
     for name in LINEAR_NAMES:
         if name in layers:
