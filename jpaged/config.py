@@ -34,6 +34,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # None: max(2048, ...) see resolve()
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | cpu | xla | pallas
+    quantization: str | None = None  # None (the checkpoint's own) | int8 | awq | gptq
     seed: int = 0
     warmup: str = "none"  # none | decode | all: step shapes compiled at start (the server: decode)
     enable_compile_cache: bool = True
@@ -76,6 +77,8 @@ class EngineConfig:
             "attention_backend",
             "must be auto, cpu, xla or pallas",
         )
+        check(self.quantization in (None, "int8", "awq", "gptq"), "quantization",
+              "must be None, int8, awq or gptq")  # fmt: skip
         check(self.warmup in ("none", "decode", "all"), "warmup", "must be none, decode or all")
 
     def jax_dtype(self) -> str:

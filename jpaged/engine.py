@@ -34,6 +34,7 @@ from jpaged.tokenizer import Tokenizer
 from jpaged.weights import iter_safetensors, load_model
 from models.config import LlamaConfig
 from models.llama import Llama, llama_from_hf_tensors
+from models.quant_load import resolve_quantization
 
 logger = logging.getLogger("jpaged")
 
@@ -87,7 +88,9 @@ class LLMEngine:
         dtype = jnp.dtype(config.jax_dtype())
         if model is None:
             loaded = load_model(config.model)
-            model = llama_from_hf_tensors(loaded.config, iter_safetensors(loaded.model_dir), dtype)
+            quant = resolve_quantization(config.quantization, loaded.model_dir)
+            tensors = iter_safetensors(loaded.model_dir)
+            model = llama_from_hf_tensors(loaded.config, tensors, dtype, quantization=quant)
             tokenizer = loaded.tokenizer
         if tokenizer is None:
             raise ValueError("tokenizer is required when a prebuilt model is given")

@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV pool size in blocks; overrides both memory options")  # fmt: skip
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
         help="share KV blocks of identical prompt prefixes across requests")  # fmt: skip
-    add("--quantization", "-q", default=None,
-        help="weight quantization method (none supported yet)")  # fmt: skip
+    add("--quantization", "-q", default=None, choices=["int8", "awq", "gptq"],
+        help="int8: weight-only per channel, from a float checkpoint; awq / gptq: a 4-bit "
+             "checkpoint (default: what config.json's quantization_config says)")  # fmt: skip
     add("--attention-backend", default="auto", choices=["auto", "cpu", "xla", "pallas"],
         help="attention: auto = pallas on GPU; on CPU the C++ kernel (cpu) where a compiler "
              "builds it, else xla; pallas off a GPU is interpreted (slow)")  # fmt: skip
@@ -136,8 +137,6 @@ def _check_unsupported(args: argparse.Namespace, parser: argparse.ArgumentParser
             f"--tensor-parallel-size {args.tensor_parallel_size} is not supported yet "
             "(tensor parallelism is not built); use 1"
         )
-    if args.quantization not in (None, "none", "None"):
-        parser.error(f"--quantization {args.quantization} is not supported yet; leave it unset")
     if args.max_queued_requests < 1:
         parser.error(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
     if args.shutdown_timeout < 0:
@@ -169,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching,
             attention_backend=args.attention_backend, seed=args.seed, warmup=args.warmup,
+            quantization=args.quantization,
         )  # fmt: skip
         chat_template = load_chat_template(args.chat_template)
     except ValueError as exc:

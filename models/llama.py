@@ -17,6 +17,8 @@ import numpy as np
 from flax import nnx
 
 from models.config import LlamaConfig
+from models.quant import LINEAR_NAMES, linear
+from models.quant_load import QuantizedTensors, QuantSpec, int8_layers
 from pallas_kernels import attention_functions
 
 
@@ -145,9 +147,9 @@ def decoder_layer(
     num_tokens = x.shape[0]
     cos, sin = rope
     h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-    q = h @ w["wq"]
-    k = h @ w["wk"]
-    v = h @ w["wv"]
+    q = linear(h, w, "wq")
+    k = linear(h, w, "wk")
+    v = linear(h, w, "wv")
     if c.attention_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     q = apply_rope(q.reshape(num_tokens, -1, c.head_dim), cos, sin)
@@ -168,12 +170,13 @@ def decoder_layer(
         scale=1.0 / math.sqrt(c.head_dim),
     )
     attn = attn[batch.token_seq, batch.token_q].reshape(num_tokens, -1)  # [t, h*e]
-    o = attn @ w["wo"]
+    o = linear(attn, w, "wo")
     if c.attention_bias:
         o = o + w["bo"]
     x = x + o
     h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
-    x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
+    gated = jax.nn.silu(linear(h, w, "w_gate")) * linear(h, w, "w_up")
+    x = x + linear(gated, w, "w_down")
     return x, kv_pool
 
 
@@ -269,14 +272,24 @@ def unstack_layers(layers: dict, num_layers: int) -> list[dict]:
 
 
 def llama_from_hf_tensors(
-    config: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype: jnp.dtype
+    config: LlamaConfig,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    dtype: jnp.dtype,
+    quantization: QuantSpec | None = None,
 ) -> Llama:
     """Build a `Llama` from HF-named tensors ([out, in] linears), cast to `dtype`.
 
+    quantization: int8 quantizes the float linears here; awq / gptq read the checkpoint's
+    packed linears (models/quant_load.py). Embedding, norms and lm_head stay float.
     Raises ValueError naming any missing or mis-shaped tensor.
     """
     c = config
     shapes = layer_weight_shapes(c)
+    packed = None
+    if quantization is not None and quantization.method != "int8":
+        linears = {n: shapes[n] for n in LINEAR_NAMES}
+        packed = QuantizedTensors(quantization, linears, c.num_hidden_layers)
+        shapes = {n: s for n, s in shapes.items() if n not in LINEAR_NAMES}
     stacked = {n: np.zeros((c.num_hidden_layers, *s), np.float32) for n, s in shapes.items()}
     by_suffix = {hf: (n, t) for n, (hf, t) in _LAYER_WEIGHTS.items() if n in shapes}
     by_suffix.update({hf: (n, False) for n, hf in _LAYER_BIASES.items() if n in shapes})
@@ -285,6 +298,8 @@ def llama_from_hf_tensors(
     for name, array in tensors:
         if name.startswith("model.layers."):
             idx_str, suffix = name[len("model.layers.") :].split(".", 1)
+            if packed is not None and packed.take(int(idx_str), suffix, array):
+                continue
             if suffix not in by_suffix:
                 continue  # e.g. rotary_emb.inv_freq in old checkpoints
             key, transpose = by_suffix[suffix]
@@ -312,7 +327,14 @@ def llama_from_hf_tensors(
 
     model = nnx.eval_shape(lambda: Llama(c, dtype=dtype, rngs=nnx.Rngs(0)))
     model.embed = nnx.Param(jnp.asarray(top["model.embed_tokens.weight"], dtype))
-    model.layers = nnx.Dict({n: nnx.Param(jnp.asarray(a, dtype)) for n, a in stacked.items()})
+    if quantization is not None:
+        stacked = int8_layers(stacked) if packed is None else {**stacked, **packed.stacked()}
+    model.layers = nnx.Dict(  # f32 arrays take `dtype`; packed ints and f16 scales stay
+        {
+            n: nnx.Param(jnp.asarray(a, dtype if a.dtype == np.float32 else None))
+            for n, a in stacked.items()
+        }
+    )
     model.final_norm = nnx.Param(jnp.asarray(top["model.norm.weight"], dtype))
     if not c.tie_word_embeddings:
         model.lm_head = nnx.Param(jnp.asarray(top["lm_head.weight"].T, dtype))
