@@ -29,6 +29,10 @@ def add_jpaged_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--warmup", default="decode", choices=["none", "decode", "all"])
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "xla"])
+    parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: the engine's")  # fmt: skip
 
 
 def run_jpaged(args: argparse.Namespace, t_start: float) -> dict:
@@ -36,8 +40,11 @@ def run_jpaged(args: argparse.Namespace, t_start: float) -> dict:
     import jpaged
     from jpaged.sampling_params import SamplingParams
 
+    extra = {} if args.unroll_layers is None else {"unroll_layers": args.unroll_layers}
     llm = jpaged.LLM(dtype=args.dtype, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
-                     max_num_batched_tokens=args.max_num_batched_tokens, warmup=args.warmup)  # fmt: skip
+                     max_num_batched_tokens=args.max_num_batched_tokens, warmup=args.warmup,
+                     attention_backend=args.attention_backend,
+                     kv_cache_dtype=args.kv_cache_dtype, **extra)  # fmt: skip
     engine = llm.engine
     start_s = time.perf_counter() - t_start
     prompts, out_lens = workload_w(args.num_requests)
@@ -73,6 +80,9 @@ def run_jpaged(args: argparse.Namespace, t_start: float) -> dict:
         "mode": "continuous",
         "dtype": args.dtype,
         "block_size": args.block_size,
+        "attention_backend": engine.runner.attention_backend,
+        "kv_cache_dtype": engine.config.jax_kv_dtype(),
+        "unroll_layers": isinstance(engine.runner.params["layers"], list),
         "requests": len(prompts),
         "output_tokens": useful,
         "seconds": round(elapsed, 2),
