@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 
@@ -33,6 +34,8 @@ class EngineConfig:
     seed: int = 0
     warmup: str = "none"  # none | decode | all: step shapes compiled at start (the server: decode)
     enable_compile_cache: bool = True
+    tensor_parallel_size: int = 1  # devices one model replica is sharded over
+    mesh: Any = None  # {"dp": D, "tp": T} or "dp=D,tp=T" (jpaged.mesh); None: dp=1
 
     def __post_init__(self) -> None:
         def check(ok: bool, field: str, msg: str) -> None:
@@ -70,6 +73,18 @@ class EngineConfig:
             "must be auto, xla or pallas",
         )
         check(self.warmup in ("none", "decode", "all"), "warmup", "must be none, decode or all")
+        check(
+            isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+            "tensor_parallel_size",
+            "must be an int >= 1",
+        )
+        self.mesh_shape()  # ValueError naming mesh / tensor_parallel_size
+
+    def mesh_shape(self) -> tuple[int, int]:
+        """(dp, tp) from `mesh` and `tensor_parallel_size`."""
+        from jpaged.mesh import mesh_shape
+
+        return mesh_shape(self.tensor_parallel_size, self.mesh)
 
     def jax_dtype(self) -> str:
         """The weights' dtype name after resolving `auto` from the platform."""

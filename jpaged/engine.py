@@ -29,9 +29,16 @@ from jpaged.scheduler import Scheduler
 from jpaged.sequence import Sequence as Seq
 from jpaged.sequence import next_seq_id
 from jpaged.tokenizer import Tokenizer
+from jpaged.sharded_model import (
+    bytes_per_device,
+    kv_pool_shards,
+    kv_pool_sharding,
+    load_llama,
+    shard_llama,
+)
 from jpaged.weights import iter_safetensors, load_model
 from models.config import LlamaConfig
-from models.llama import Llama, llama_from_hf_tensors
+from models.llama import Llama
 
 logger = logging.getLogger("jpaged")
 
@@ -66,6 +73,16 @@ def enable_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _tp_mesh(config: EngineConfig) -> jax.sharding.Mesh | None:
+    """The (1, tp) mesh `config` asks for, None for a single device."""
+    from jpaged.mesh import build_mesh
+
+    dp, tp = config.mesh_shape()
+    if dp != 1:
+        raise ValueError(f"mesh dp={dp}: LLMEngine is one replica; use jpaged.data_parallel")
+    return build_mesh(1, tp) if tp > 1 or jax.process_count() > 1 else None
+
+
 class LLMEngine:
     """Continuous-batching engine over one model and one KV pool."""
 
@@ -75,17 +92,26 @@ class LLMEngine:
         *,
         model: Llama | None = None,
         tokenizer: Tokenizer | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> None:
-        """Load the model (or take a prebuilt `model` + `tokenizer`), size and allocate the pool."""
+        """Load the model (or take a prebuilt `model` + `tokenizer`), size and allocate the pool.
+
+        `mesh`: a (1, tp) mesh to shard over; default: built from `config` (dp must be 1
+        here; `jpaged.data_parallel` runs dp > 1). ValueError when devices are too few.
+        """
         t0 = time.perf_counter()
         self.config = config
         if config.enable_compile_cache:
             enable_compile_cache()
         dtype = jnp.dtype(config.jax_dtype())
+        self.mesh = mesh if mesh is not None else _tp_mesh(config)
         if model is None:
             loaded = load_model(config.model)
-            model = llama_from_hf_tensors(loaded.config, iter_safetensors(loaded.model_dir), dtype)
+            tensors = iter_safetensors(loaded.model_dir)
+            model = load_llama(loaded.config, tensors, dtype, self.mesh)
             tokenizer = loaded.tokenizer
+        elif self.mesh is not None:
+            model = shard_llama(model, self.mesh)
         if tokenizer is None:
             raise ValueError("tokenizer is required when a prebuilt model is given")
         self.tokenizer = tokenizer
@@ -95,10 +121,12 @@ class LLMEngine:
         self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
         kv_dtype = jnp.dtype(config.jax_kv_dtype())
         num_blocks = self._num_blocks(model, kv_dtype)
-        kv_pool = allocate_kv_pool(mc, num_blocks, config.block_size, kv_dtype)
+        pool_sharding = kv_pool_sharding(self.mesh, mc) if self.mesh is not None else None
+        kv_pool = allocate_kv_pool(mc, num_blocks, config.block_size, kv_dtype, pool_sharding)
         self.runner = ModelRunner(
-            model, kv_pool, block_size=config.block_size, max_model_len=self.max_model_len
-        )
+            model, kv_pool, block_size=config.block_size, max_model_len=self.max_model_len,
+            mesh=self.mesh,
+        )  # fmt: skip
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
             block_size=config.block_size,
@@ -136,10 +164,11 @@ class LLMEngine:
             return c.num_blocks
         budget = c.kv_cache_memory
         if budget is None:
-            weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
-            budget = device_kv_budget(weight_bytes, 0, c.gpu_memory_utilization)
+            budget = device_kv_budget(bytes_per_device(model), 0, c.gpu_memory_utilization)
             if budget is None:
                 budget = CPU_DEFAULT_KV_BYTES
+            elif self.mesh is not None:  # per-device room x devices the pool is split over
+                budget *= kv_pool_shards(self.mesh, self.model_config)
             # never more blocks than max_num_seqs full-length sequences need
             per_block = kv_bytes_per_block(self.model_config, c.block_size, kv_dtype)
             cap = (c.max_num_seqs * -(-self.max_model_len // c.block_size) + 1) * per_block

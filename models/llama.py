@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -205,13 +205,22 @@ class Llama(nnx.Module):
         return logits, kv_pool
 
 
+Place = Callable[[str, np.ndarray, jnp.dtype], jax.Array]  # (name, host array, dtype) -> array
+
+
 def llama_from_hf_tensors(
-    config: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray]], dtype: jnp.dtype
+    config: LlamaConfig,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    dtype: jnp.dtype,
+    place: Place | None = None,
 ) -> Llama:
     """Build a `Llama` from HF-named tensors ([out, in] linears), cast to `dtype`.
 
-    Raises ValueError naming any missing or mis-shaped tensor.
+    `place(name, array, dtype)` puts each weight ("embed", "layers/wq", ..., "inv_freq") on
+    device; the default is `jnp.asarray` (the default device). Raises ValueError naming any
+    missing or mis-shaped tensor.
     """
+    put = place or (lambda _name, array, dt: jnp.asarray(array, dt))
     c = config
     shapes = layer_weight_shapes(c)
     stacked = {n: np.zeros((c.num_hidden_layers, *s), np.float32) for n, s in shapes.items()}
@@ -248,12 +257,12 @@ def llama_from_hf_tensors(
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
 
     model = nnx.eval_shape(lambda: Llama(c, dtype=dtype, rngs=nnx.Rngs(0)))
-    model.embed = nnx.Param(jnp.asarray(top["model.embed_tokens.weight"], dtype))
-    model.layers = nnx.Dict({n: nnx.Param(jnp.asarray(a, dtype)) for n, a in stacked.items()})
-    model.final_norm = nnx.Param(jnp.asarray(top["model.norm.weight"], dtype))
+    model.embed = nnx.Param(put("embed", top["model.embed_tokens.weight"], dtype))
+    model.layers = nnx.Dict({n: nnx.Param(put(f"layers/{n}", a, dtype)) for n, a in stacked.items()})
+    model.final_norm = nnx.Param(put("final_norm", top["model.norm.weight"], dtype))
     if not c.tie_word_embeddings:
-        model.lm_head = nnx.Param(jnp.asarray(top["lm_head.weight"].T, dtype))
-    model.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(c)))
+        model.lm_head = nnx.Param(put("lm_head", top["lm_head.weight"].T, dtype))
+    model.inv_freq = nnx.Variable(put("inv_freq", rope_inv_freq(c), jnp.dtype(jnp.float32)))
     return model
 
 
