@@ -28,14 +28,14 @@ from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Sequence as Seq
 from jpaged.sequence import next_seq_id
-from jpaged.tokenizer import Tokenizer
 from jpaged.sharded_model import (
     bytes_per_device,
-    kv_pool_shards,
     kv_pool_sharding,
+    kv_pool_shards,
     load_llama,
     shard_llama,
 )
+from jpaged.tokenizer import Tokenizer
 from jpaged.weights import iter_safetensors, load_model
 from models.config import LlamaConfig
 from models.llama import Llama

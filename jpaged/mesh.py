@@ -54,9 +54,7 @@ def mesh_shape(tensor_parallel_size: int, mesh: MeshSpec) -> tuple[int, int]:
     axes = parse_mesh(mesh)
     tp = axes[TP_AXIS]
     if tensor_parallel_size != 1 and mesh is not None and tp != tensor_parallel_size:
-        raise ValueError(
-            f"tensor_parallel_size {tensor_parallel_size} disagrees with mesh tp={tp}"
-        )
+        raise ValueError(f"tensor_parallel_size {tensor_parallel_size} disagrees with mesh tp={tp}")
     return axes[DP_AXIS], max(tp, tensor_parallel_size)
 
 

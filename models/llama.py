@@ -258,7 +258,9 @@ def llama_from_hf_tensors(
 
     model = nnx.eval_shape(lambda: Llama(c, dtype=dtype, rngs=nnx.Rngs(0)))
     model.embed = nnx.Param(put("embed", top["model.embed_tokens.weight"], dtype))
-    model.layers = nnx.Dict({n: nnx.Param(put(f"layers/{n}", a, dtype)) for n, a in stacked.items()})
+    model.layers = nnx.Dict(
+        {n: nnx.Param(put(f"layers/{n}", a, dtype)) for n, a in stacked.items()}
+    )
     model.final_norm = nnx.Param(put("final_norm", top["model.norm.weight"], dtype))
     if not c.tie_word_embeddings:
         model.lm_head = nnx.Param(put("lm_head", top["lm_head.weight"].T, dtype))
