@@ -150,9 +150,13 @@ class LLMEngine:
             num_blocks * kv_bytes_per_block(mc, config.block_size, kv_dtype) / 2**20, kv_dtype,
             self.stats.load_time_s,
         )  # fmt: skip
-        if config.warmup != "none":
-            shapes = all_step_shapes(config.max_num_seqs, self.max_num_batched_tokens)
-            if config.warmup == "decode":
+        self.warmup(config.warmup)
+
+    def warmup(self, which: str) -> None:
+        """Compile the step shapes `which` names: none, decode or all."""
+        if which != "none":
+            shapes = all_step_shapes(self.config.max_num_seqs, self.max_num_batched_tokens)
+            if which == "decode":
                 shapes = [s for s in shapes if s.tile_size == 1]
             self.stats.warmup_time_s = self.runner.warmup(shapes)
             logger.info("compiled %d step shapes in %.2fs", len(shapes), self.stats.warmup_time_s)
