@@ -32,7 +32,11 @@ class DataParallelEngine:
     """`LLMEngine`'s request API over dp replicas; `step()` steps every busy replica."""
 
     def __init__(
-        self, config: EngineConfig, *, model: Llama | None = None, tokenizer: Tokenizer | None = None
+        self,
+        config: EngineConfig,
+        *,
+        model: Llama | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         """ValueError when the mesh needs more devices than are visible."""
         dp, tp = config.mesh_shape()

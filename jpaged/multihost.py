@@ -83,7 +83,8 @@ def _encode(inputs: tuple) -> bytes:
     *arrays, num_logprobs = inputs
     leaves = jax.tree.leaves(arrays)
     buffer = io.BytesIO()
-    np.savez(buffer, num_logprobs=np.int64(num_logprobs), *leaves)
+    named = {f"arr_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    np.savez(buffer, num_logprobs=np.int64(num_logprobs), **named)
     return buffer.getvalue()
 
 

@@ -54,7 +54,9 @@ def main(process_id: int, port: int, out_path: str) -> None:
         EngineConfig(tensor_parallel_size=2, **options), model=model, tokenizer=tokenizer
     )
     if process_id != 0:
-        steps = multihost.follow(engine.runner, multihost.receive_steps(multihost.step_address(address)))
+        steps = multihost.follow(
+            engine.runner, multihost.receive_steps(multihost.step_address(address))
+        )
         print(f"follower ran {steps} steps", flush=True)
         return
     broadcaster = multihost.StepBroadcaster(multihost.step_address(address), num_followers=1)

@@ -76,7 +76,9 @@ def tiny() -> dict:
             EngineConfig(tensor_parallel_size=tp, **options), model=model, tokenizer=tokenizer
         )
         results[f"tp={tp}"] = {"tokens": generate(engine, prompts, 12), **describe(engine)}
-    dp = DataParallelEngine(EngineConfig(mesh="dp=2,tp=2", **options), model=model, tokenizer=tokenizer)
+    dp = DataParallelEngine(
+        EngineConfig(mesh="dp=2,tp=2", **options), model=model, tokenizer=tokenizer
+    )
     results["dp=2,tp=2"] = {
         "tokens": generate(dp, prompts, 12),
         "replica_devices": [sorted(d.id for d in r.mesh.devices.flat) for r in dp.replicas],

@@ -50,7 +50,10 @@ def test_repeat_kv_heads_keeps_each_head_contiguous():
         np.testing.assert_array_equal(heads[:, 2 * k], w.reshape(2, 3, 4)[:, k])
         np.testing.assert_array_equal(heads[:, 2 * k + 1], w.reshape(2, 3, 4)[:, k])
     # the plan's query-to-KV map is unchanged: head h of 8 read kv h // 2 of 4, now h // 1 of 8
-    assert plan_sharding(tiny_llama_config(num_attention_heads=8, num_key_value_heads=4), 8).kv_repeats == 2
+    assert (
+        plan_sharding(tiny_llama_config(num_attention_heads=8, num_key_value_heads=4), 8).kv_repeats
+        == 2
+    )
 
 
 def test_mesh_config_parsing_and_errors():
