@@ -17,7 +17,7 @@ import pytest
 from jpaged.serve import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
-FLAGS = ["--tensor-parallel-size", "--dtype", "--max-model-len", "--block-size", "--max-num-seqs",
+FLAGS = ["--tensor-parallel-size", "--mesh", "--coordinator-address", "--dtype", "--max-model-len", "--block-size", "--max-num-seqs",
          "--max-num-batched-tokens", "--gpu-memory-utilization", "--kv-cache-memory",
          "--num-blocks", "--enable-prefix-caching", "--no-enable-prefix-caching",
          "--quantization", "--attention-backend", "--seed", "--chat-template",
@@ -41,7 +41,10 @@ def test_help_lists_every_flag():
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2 is not supported yet"),
+        (["--tensor-parallel-size", "0"], "--tensor-parallel-size must be >= 1"),
+        (["--mesh", "dp=2,tp=1"], "the server runs dp=1"),
+        (["--mesh", "pp=2"], "mesh axis 'pp' is unknown"),
+        (["--num-processes", "2"], "needs coordinator_address"),
         (["--quantization", "awq"], "--quantization awq is not supported yet"),
         (["--max-model-len", "lots"], "not a size"),
         (["--attention-backend", "cuda"], "invalid choice"),
