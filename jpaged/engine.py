@@ -32,11 +32,11 @@ from jpaged.sharded_model import (
     bytes_per_device,
     kv_pool_sharding,
     kv_pool_shards,
-    load_llama,
+    load_llama_from_dir,
     shard_llama,
 )
 from jpaged.tokenizer import Tokenizer
-from jpaged.weights import iter_safetensors, load_model
+from jpaged.weights import load_model
 from models.config import LlamaConfig
 from models.llama import Llama
 
@@ -107,8 +107,7 @@ class LLMEngine:
         self.mesh = mesh if mesh is not None else _tp_mesh(config)
         if model is None:
             loaded = load_model(config.model)
-            tensors = iter_safetensors(loaded.model_dir)
-            model = load_llama(loaded.config, tensors, dtype, self.mesh)
+            model = load_llama_from_dir(loaded.config, loaded.model_dir, dtype, self.mesh)
             tokenizer = loaded.tokenizer
         elif self.mesh is not None:
             model = shard_llama(model, self.mesh)

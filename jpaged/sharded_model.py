@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from jpaged import sharded_cache
+from jpaged.weights import iter_safetensors
 from models.config import LlamaConfig
 from models.llama import Llama, Place, llama_from_hf_tensors, llama_to_hf_tensors
 from models.sharding import (
@@ -88,6 +91,31 @@ def load_llama(
     return llama_from_hf_tensors(
         expanded_config(config, plan), tensors, dtype, sharded_place(mesh, plan)
     )
+
+
+def load_llama_from_dir(
+    config: LlamaConfig, model_dir: Path, dtype: jnp.dtype, mesh: Mesh | None = None
+) -> Llama:
+    """A model directory's weights, through the orbax cache when sharded (jpaged.sharded_cache)."""
+    if mesh is None:
+        return llama_from_hf_tensors(config, iter_safetensors(model_dir), dtype)
+    plan = plan_sharding(config, mesh_tp(mesh))
+    use_cache = plan.kv_repeats == 1 and jax.process_count() == 1
+    path = sharded_cache.checkpoint_dir(model_dir, dtype) if use_cache else None
+    if path is not None and path.is_dir():
+        try:
+            return sharded_cache.restore(config, dtype, path, mesh, plan)
+        except Exception as exc:  # a damaged cache: fall back to the checkpoint itself
+            logger.warning(
+                "sharded weights cache %s unreadable (%s); reading safetensors", path, exc
+            )
+    model = load_llama(config, iter_safetensors(model_dir), dtype, mesh)
+    if path is not None:
+        try:
+            sharded_cache.save(model, path)
+        except Exception as exc:  # a read-only or full disk costs the next start, not this one
+            logger.warning("could not save the sharded weights cache %s: %s", path, exc)
+    return model
 
 
 def shard_llama(model: Llama, mesh: Mesh) -> Llama:

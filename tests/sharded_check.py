@@ -84,7 +84,46 @@ def tiny() -> dict:
         "replica_devices": [sorted(d.id for d in r.mesh.devices.flat) for r in dp.replicas],
         "replica_steps": [r.stats.num_steps for r in dp.replicas],
     }
+    results["orbax_cache"] = orbax_cache(config)
     return results
+
+
+def orbax_cache(config) -> dict:
+    """First sharded load saves the orbax cache; the second restores from it into tp=2."""
+    import tempfile
+
+    from jpaged import sharded_cache
+    from jpaged.mesh import build_mesh
+    from jpaged.sharded_model import load_llama_from_dir
+    from tests.util import save_tiny_hf_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["JPAGED_CACHE_DIR"] = tmp
+        save_tiny_hf_dir(Path(tmp) / "hf", config, seed=9)
+        mesh = build_mesh(1, 2)
+        first = load_llama_from_dir(config, Path(tmp) / "hf", jnp.float32, mesh)
+        saved = sharded_cache.checkpoint_dir(Path(tmp) / "hf", jnp.float32).is_dir()
+        restores = []
+        original = sharded_cache.restore
+        sharded_cache.restore = lambda *a: restores.append(1) or original(*a)
+        second = load_llama_from_dir(config, Path(tmp) / "hf", jnp.float32, mesh)
+        sharded_cache.restore = original
+        pairs = list(
+            zip(jax.tree.leaves(nnx_state(first)), jax.tree.leaves(nnx_state(second)), strict=True)
+        )
+        return {
+            "saved": saved,
+            "restored": len(restores),
+            "equal": all(bool((np.asarray(a) == np.asarray(b)).all()) for a, b in pairs),
+            "same_shardings": all(a.sharding == b.sharding for a, b in pairs),
+            "wq_shard_shape": list(second.layers["wq"][...].addressable_shards[0].data.shape),
+        }
+
+
+def nnx_state(model):
+    from flax import nnx
+
+    return nnx.state(model)
 
 
 def default() -> dict:

@@ -105,6 +105,14 @@ def test_tiny_meshes_equal_tp1():
     assert r["tp=8"]["pool_devices"] == 8
     assert r["dp=2,tp=2"]["replica_devices"] == [[0, 1], [2, 3]]
     assert all(steps > 0 for steps in r["dp=2,tp=2"]["replica_steps"])  # both replicas worked
+    cache = r["orbax_cache"]  # the second sharded load restored the orbax copy, identically
+    assert (cache["saved"], cache["restored"], cache["equal"], cache["same_shardings"]) == (
+        True,
+        1,
+        True,
+        True,
+    )
+    assert cache["wq_shard_shape"] == [2, 128, 64]  # [L, d, h*e / tp]
 
 
 @pytest.mark.slow
