@@ -80,7 +80,15 @@ def _tp_mesh(config: EngineConfig) -> jax.sharding.Mesh | None:
     dp, tp = config.mesh_shape()
     if dp != 1:
         raise ValueError(f"mesh dp={dp}: LLMEngine is one replica; use jpaged.data_parallel")
-    return build_mesh(1, tp) if tp > 1 or jax.process_count() > 1 else None
+    if jax.process_count() == 1:
+        return build_mesh(1, tp) if tp > 1 else None
+    mesh = build_mesh(1, tp)
+    if {d.process_index for d in mesh.devices.flat} != set(range(jax.process_count())):
+        raise ValueError(
+            f"tensor_parallel_size {tp} does not reach every one of the {jax.process_count()} "
+            f"processes' devices ({jax.device_count()} in all)"
+        )
+    return mesh
 
 
 class LLMEngine:

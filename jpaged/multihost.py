@@ -98,7 +98,7 @@ def _input_structure() -> jax.tree_util.PyTreeDef:
 class StepBroadcaster:
     """Process 0's end: accepts every follower, then sends each step's inputs to all."""
 
-    def __init__(self, address: tuple[str, int], num_followers: int, timeout: float = 300.0):
+    def __init__(self, address: tuple[str, int], num_followers: int, timeout: float = 3600.0):
         self._server = socket.create_server(address, reuse_port=False)
         self._server.settimeout(timeout)
         self._conns = []
@@ -134,7 +134,7 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def receive_steps(address: tuple[str, int], timeout: float = 300.0) -> Iterator[tuple]:
+def receive_steps(address: tuple[str, int], timeout: float = 3600.0) -> Iterator[tuple]:
     """A follower's end: yields each step's inputs until process 0 says stop (or goes away)."""
     deadline = time.monotonic() + timeout
     while True:
