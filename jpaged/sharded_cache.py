@@ -6,13 +6,14 @@ restore straight into the target shardings, each device reading only its own chu
 any tp. The key covers the model directory, its weight files' sizes and mtimes, and the
 dtype. Used with one process only (several hosts may not share a disk, and every process
 must take the same path) and when no KV head is repeated (the stored shapes are the
-checkpoint's).
+checkpoint's). $JPAGED_SHARDED_CACHE=0 turns it off.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import jax
@@ -29,6 +30,11 @@ from models.sharding import ShardingPlan, weight_sharding
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+
+
+def enabled() -> bool:
+    """Off when $JPAGED_SHARDED_CACHE is 0 (saves the disk a copy of the weights per dtype)."""
+    return os.environ.get("JPAGED_SHARDED_CACHE", "1") != "0"
 
 
 def checkpoint_dir(model_dir: Path, dtype: jnp.dtype) -> Path:

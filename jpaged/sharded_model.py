@@ -100,7 +100,7 @@ def load_llama_from_dir(
     if mesh is None:
         return llama_from_hf_tensors(config, iter_safetensors(model_dir), dtype)
     plan = plan_sharding(config, mesh_tp(mesh))
-    use_cache = plan.kv_repeats == 1 and jax.process_count() == 1
+    use_cache = plan.kv_repeats == 1 and jax.process_count() == 1 and sharded_cache.enabled()
     path = sharded_cache.checkpoint_dir(model_dir, dtype) if use_cache else None
     if path is not None and path.is_dir():
         try:
