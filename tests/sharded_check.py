@@ -71,7 +71,7 @@ def tiny() -> dict:
     prompts = [rng.integers(100, 8000, int(rng.integers(3, 40))).tolist() for _ in range(4)]
     options = dict(num_blocks=96, max_model_len=256, enable_compile_cache=False)
     results = {}
-    for tp in (1, 2, 4, 8):
+    for tp in (1, 2, 4):  # tp=8 (each KV head twice): test_sharding checks the repeat on one device
         engine = LLMEngine(
             EngineConfig(tensor_parallel_size=tp, **options), model=model, tokenizer=tokenizer
         )
