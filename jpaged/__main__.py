@@ -25,10 +25,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    parser.add_argument("--mesh", default=None, help="device mesh, e.g. dp=2,tp=2")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    llm = LLM(model=args.model, dtype=args.dtype)
+    llm = LLM(
+        model=args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+        mesh=args.mesh,
+    )  # fmt: skip
     print(f"[engine ready in {time.perf_counter() - t0:.1f}s]")
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 
@@ -41,6 +42,8 @@ class EngineConfig:
     # layers unrolled over per-layer weight arrays (faster steps, longer compiles) instead of
     # a lax.scan over stacked weights, whose slices XLA copies every step
     unroll_layers: bool = False
+    tensor_parallel_size: int = 1  # devices one model replica is sharded over
+    mesh: Any = None  # {"dp": D, "tp": T} or "dp=D,tp=T" (jpaged.mesh); None: dp=1
 
     def __post_init__(self) -> None:
         def check(ok: bool, field: str, msg: str) -> None:
@@ -80,6 +83,18 @@ class EngineConfig:
         check(self.quantization in (None, "int8", "awq", "gptq"), "quantization",
               "must be None, int8, awq or gptq")  # fmt: skip
         check(self.warmup in ("none", "decode", "all"), "warmup", "must be none, decode or all")
+        check(
+            isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+            "tensor_parallel_size",
+            "must be an int >= 1",
+        )
+        self.mesh_shape()  # ValueError naming mesh / tensor_parallel_size
+
+    def mesh_shape(self) -> tuple[int, int]:
+        """(dp, tp) from `mesh` and `tensor_parallel_size`."""
+        from jpaged.mesh import mesh_shape
+
+        return mesh_shape(self.tensor_parallel_size, self.mesh)
 
     def jax_dtype(self) -> str:
         """The weights' dtype name after resolving `auto` from the platform."""

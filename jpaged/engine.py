@@ -30,6 +30,13 @@ from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Sequence as Seq
 from jpaged.sequence import next_seq_id
+from jpaged.sharded_model import (
+    bytes_per_device,
+    kv_pool_sharding,
+    kv_pool_shards,
+    load_llama_from_dir,
+    shard_llama,
+)
 from jpaged.tokenizer import Tokenizer
 from jpaged.weights import iter_safetensors, load_model
 from models.config import LlamaConfig
@@ -69,6 +76,24 @@ def enable_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _tp_mesh(config: EngineConfig) -> jax.sharding.Mesh | None:
+    """The (1, tp) mesh `config` asks for, None for a single device."""
+    from jpaged.mesh import build_mesh
+
+    dp, tp = config.mesh_shape()
+    if dp != 1:
+        raise ValueError(f"mesh dp={dp}: LLMEngine is one replica; use jpaged.data_parallel")
+    if jax.process_count() == 1:
+        return build_mesh(1, tp) if tp > 1 else None
+    mesh = build_mesh(1, tp)
+    if {d.process_index for d in mesh.devices.flat} != set(range(jax.process_count())):
+        raise ValueError(
+            f"tensor_parallel_size {tp} does not reach every one of the {jax.process_count()} "
+            f"processes' devices ({jax.device_count()} in all)"
+        )
+    return mesh
+
+
 class LLMEngine:
     """Continuous-batching engine over one model and one KV pool."""
 
@@ -78,20 +103,33 @@ class LLMEngine:
         *,
         model: Llama | None = None,
         tokenizer: Tokenizer | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> None:
-        """Load the model (or take a prebuilt `model` + `tokenizer`), size and allocate the pool."""
+        """Load the model (or take a prebuilt `model` + `tokenizer`), size and allocate the pool.
+
+        `mesh`: a (1, tp) mesh to shard over; default: built from `config` (dp must be 1
+        here; `jpaged.data_parallel` runs dp > 1). ValueError when devices are too few.
+        """
         t0 = time.perf_counter()
         self.config = config
         tune_malloc()
         if config.enable_compile_cache:
             enable_compile_cache()
         dtype = jnp.dtype(config.jax_dtype())
+        self.mesh = mesh if mesh is not None else _tp_mesh(config)
         if model is None:
             loaded = load_model(config.model)
             quant = resolve_quantization(config.quantization, loaded.model_dir)
-            tensors = iter_safetensors(loaded.model_dir)
-            model = llama_from_hf_tensors(loaded.config, tensors, dtype, quantization=quant)
+            if quant is None:
+                model = load_llama_from_dir(loaded.config, loaded.model_dir, dtype, self.mesh)
+            elif self.mesh is None:
+                tensors = iter_safetensors(loaded.model_dir)
+                model = llama_from_hf_tensors(loaded.config, tensors, dtype, quantization=quant)
+            else:
+                raise ValueError("quantization together with tensor_parallel_size > 1 is not built")
             tokenizer = loaded.tokenizer
+        elif self.mesh is not None:
+            model = shard_llama(model, self.mesh)
         if tokenizer is None:
             raise ValueError("tokenizer is required when a prebuilt model is given")
         self.tokenizer = tokenizer
@@ -100,9 +138,14 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
         attention_backend = config.resolved_backend()
+        if attention_backend == "cpu" and self.mesh is not None and self.mesh.size > 1:
+            # the FFI kernel is one custom call XLA cannot partition: it would all-gather the
+            # sharded pool; the xla path shards along KV heads with the rest of the step
+            attention_backend = "xla"
         kv_dtype = jnp.dtype(config.jax_kv_dtype())
         num_blocks = self._num_blocks(model, kv_dtype)
-        kv_pool = allocate_kv_pool(mc, num_blocks, config.block_size, kv_dtype)
+        pool_sharding = kv_pool_sharding(self.mesh, mc) if self.mesh is not None else None
+        kv_pool = allocate_kv_pool(mc, num_blocks, config.block_size, kv_dtype, pool_sharding)
         self.runner = ModelRunner(
             model,
             kv_pool,
@@ -110,6 +153,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             attention_backend=attention_backend,
             unroll_layers=config.unroll_layers,
+            mesh=self.mesh,
         )
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
@@ -135,9 +179,13 @@ class LLMEngine:
             num_blocks * kv_bytes_per_block(mc, config.block_size, kv_dtype) / 2**20, kv_dtype,
             attention_backend, self.stats.load_time_s,
         )  # fmt: skip
-        if config.warmup != "none":
-            shapes = all_step_shapes(config.max_num_seqs, self.max_num_batched_tokens)
-            if config.warmup == "decode":
+        self.warmup(config.warmup)
+
+    def warmup(self, which: str) -> None:
+        """Compile the step shapes `which` names: none, decode or all."""
+        if which != "none":
+            shapes = all_step_shapes(self.config.max_num_seqs, self.max_num_batched_tokens)
+            if which == "decode":
                 shapes = [s for s in shapes if s.tile_size == 1]
             self.stats.warmup_time_s = self.runner.warmup(shapes)
             logger.info("compiled %d step shapes in %.2fs", len(shapes), self.stats.warmup_time_s)
@@ -149,10 +197,11 @@ class LLMEngine:
             return c.num_blocks
         budget = c.kv_cache_memory
         if budget is None:
-            weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
-            budget = device_kv_budget(weight_bytes, 0, c.gpu_memory_utilization)
+            budget = device_kv_budget(bytes_per_device(model), 0, c.gpu_memory_utilization)
             if budget is None:
                 budget = CPU_DEFAULT_KV_BYTES
+            elif self.mesh is not None:  # per-device room x devices the pool is split over
+                budget *= kv_pool_shards(self.mesh, self.model_config)
             # never more blocks than max_num_seqs full-length sequences need
             per_block = kv_bytes_per_block(self.model_config, c.block_size, kv_dtype)
             cap = (c.max_num_seqs * -(-self.max_model_len // c.block_size) + 1) * per_block

@@ -26,11 +26,17 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
+        config = EngineConfig(model=model, **engine_options)
+        if config.mesh_shape()[0] > 1:  # dp replicas (jpaged.data_parallel)
+            from jpaged.data_parallel import DataParallelEngine
+
+            self.engine = DataParallelEngine(config)
+        else:
+            self.engine = LLMEngine(config)
         self._ids = itertools.count()
 
     @classmethod
-    def from_engine(cls, engine: LLMEngine) -> LLM:
+    def from_engine(cls, engine: LLMEngine | Any) -> LLM:
         llm = cls.__new__(cls)
         llm.engine = engine
         llm._ids = itertools.count()

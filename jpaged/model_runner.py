@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -121,17 +122,27 @@ class ModelRunner:
         max_model_len: int,
         attention_backend: str = "xla",
         unroll_layers: bool = False,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> None:
+        """`mesh`: the weights and pool are sharded over it (jpaged.sharded_model); step
+        outputs are replicated on it, the pool keeps its sharding."""
         self.config = model.config
-        self.attention_backend = attention_backend  # a key of ATTENTION_BACKENDS, fixed
+        self.attention_backend = attention_backend  # a name in ATTENTION_BACKENDS, fixed
         # unroll_layers: per-layer weight arrays, so the step copies no weight slices
         self.params = model.params(unstack=unroll_layers)
         self.kv_pool = kv_pool
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.vocab_size = model.config.vocab_size
-        self._step = jax.jit(self._step_fn, static_argnums=(6,), donate_argnums=(1,))
+        self.mesh = mesh
+        shardings = {}
+        if mesh is not None:
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            shardings = {"out_shardings": (kv_pool.sharding, replicated, replicated)}
+        self._step = jax.jit(self._step_fn, static_argnums=(6,), donate_argnums=(1,), **shardings)
         self.num_steps = 0
+        # multi-host: process 0 hands every step's host inputs to this (jpaged.multihost)
+        self.step_listener: Callable[[tuple], None] | None = None
 
     @property
     def num_compilations(self) -> int:
@@ -236,16 +247,10 @@ class ModelRunner:
             rows_arr = np.asarray(prompt_rows, np.int64)
             prompt_index[: len(prompt_rows)] = offsets[rows_arr[:, 0]] + rows_arr[:, 1]
             prompt_next[: len(prompt_rows)] = rows_arr[:, 2]
-        self.kv_pool, out, prompt_out = self._step(
-            self.params,
-            self.kv_pool,
-            batch,
-            copies,
-            sampling,
-            (prompt_index, prompt_next),
-            num_logprobs,
-        )
-        self.num_steps += 1
+        inputs = (batch, copies, sampling, (prompt_index, prompt_next), num_logprobs)
+        if self.step_listener is not None:
+            self.step_listener(inputs)
+        out, prompt_out = self.run_inputs(inputs)
         num_rows = len(rows)
         token_ids = np.asarray(out.token_ids)[:num_rows].tolist()
         logprobs = np.asarray(out.logprob)[:num_rows].tolist()
@@ -264,6 +269,17 @@ class ModelRunner:
                 top_logprobs=np.asarray(prompt_out.top_logprobs)[:n],
             )
         return ModelRunnerOutput(token_ids, logprobs, ranks, top_ids, top_lps, prompt_logprobs)
+
+    def run_inputs(self, inputs: tuple) -> tuple[Any, Any]:
+        """Run the jitted step on host inputs (what `execute` builds, or a follower receives)."""
+        *arrays, num_logprobs = inputs
+        if jax.process_count() > 1:  # a mesh across processes takes global arrays only
+            from jpaged.mesh import to_global
+
+            arrays = to_global(arrays, self.mesh)
+        self.kv_pool, out, prompt_out = self._step(self.params, self.kv_pool, *arrays, num_logprobs)
+        self.num_steps += 1
+        return out, prompt_out
 
     def warmup(self, shapes: Sequence[StepShape]) -> float:
         """Compile (and run once, writing only the null block) each step shape; returns seconds."""

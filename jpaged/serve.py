@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -75,7 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="require `Authorization: Bearer KEY` on /v1/* (default: $JPAGED_API_KEY; "
              "none when unset)")  # fmt: skip
     add("--tensor-parallel-size", "-tp", type=int, default=1,
-        help="devices to shard the model over (only 1 is supported yet)")  # fmt: skip
+        help="devices to shard the model over (tensor parallelism)")  # fmt: skip
+    add("--mesh", default=None,
+        help="device mesh, e.g. tp=4 (dp > 1 runs through the Python LLM API only)")  # fmt: skip
+    add("--coordinator-address", default=None,
+        help="several hosts: jax.distributed coordinator HOST:PORT, same on every process "
+             "(default: $JPAGED_COORDINATOR_ADDRESS); the step stream uses PORT+1")  # fmt: skip
+    add("--num-processes", type=int, default=None,
+        help="several hosts: number of processes (default: $JPAGED_NUM_PROCESSES or 1)")  # fmt: skip
+    add("--process-id", type=int, default=None,
+        help="several hosts: this process's index; 0 serves HTTP, the others follow its "
+             "steps (default: $JPAGED_PROCESS_ID or 0)")  # fmt: skip
     add("--dtype", default="auto",
         help="weights/activations dtype: auto (float32 on CPU, bfloat16 on GPU), float32, "
              "bfloat16, float16")  # fmt: skip
@@ -132,11 +143,8 @@ def load_chat_template(value: str | None) -> str | None:
 
 
 def _check_unsupported(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if args.tensor_parallel_size != 1:
-        parser.error(
-            f"--tensor-parallel-size {args.tensor_parallel_size} is not supported yet "
-            "(tensor parallelism is not built); use 1"
-        )
+    if args.tensor_parallel_size < 1:
+        parser.error(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
     if args.max_queued_requests < 1:
         parser.error(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
     if args.shutdown_timeout < 0:
@@ -154,12 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     # heavy imports after --help and flag errors, which should be instant
     import uvicorn
 
+    from jpaged import multihost
     from jpaged.config import EngineConfig
     from jpaged.engine import LLMEngine
     from serve.app import build_app
 
     try:
+        distributed = multihost.distributed_options(
+            args.coordinator_address, args.num_processes, args.process_id
+        )
         config = EngineConfig(
+            tensor_parallel_size=args.tensor_parallel_size, mesh=args.mesh,
             model=args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
             block_size=args.block_size, num_blocks=args.num_blocks,
             kv_cache_memory=args.kv_cache_memory,
@@ -171,13 +184,28 @@ def main(argv: list[str] | None = None) -> int:
             quantization=args.quantization,
         )  # fmt: skip
         chat_template = load_chat_template(args.chat_template)
+        if config.mesh_shape()[0] > 1:
+            raise ValueError(f"--mesh {args.mesh}: the server runs dp=1 (one server per replica)")
     except ValueError as exc:
         parser.error(str(exc))
+    address, num_processes, process_id = distributed
+    multihost.initialize_distributed(address, num_processes, process_id)
     try:
-        engine = LLMEngine(config)
+        # with several processes, process 0 compiles after its followers are listening
+        engine = LLMEngine(config if num_processes == 1 else replace(config, warmup="none"))
     except (ValueError, OSError) as exc:
         logger.error("cannot load the model: %s", exc)
         return 1
+    if num_processes > 1:
+        if process_id != 0:
+            steps = multihost.receive_steps(multihost.step_address(address))
+            logger.info("follower stopped after %d steps", multihost.follow(engine.runner, steps))
+            return 0
+        broadcaster = multihost.StepBroadcaster(
+            multihost.step_address(address), num_followers=num_processes - 1
+        )
+        engine.runner.step_listener = broadcaster
+        engine.warmup(config.warmup)
     s = engine.stats
     logger.info(
         "engine ready: KV pool %d blocks x %d tokens = %d tokens; max_model_len %d; "
@@ -208,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: logger.info("signal %d: exiting", signum))
     server.run()
+    if num_processes > 1:
+        broadcaster.close()
     logger.info("server stopped")
     return 0 if server.started else 1
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -271,18 +271,25 @@ def unstack_layers(layers: dict, num_layers: int) -> list[dict]:
     return split(layers)
 
 
+Place = Callable[[str, np.ndarray, jnp.dtype], jax.Array]  # (name, host array, dtype) -> array
+
+
 def llama_from_hf_tensors(
     config: LlamaConfig,
     tensors: Iterable[tuple[str, np.ndarray]],
     dtype: jnp.dtype,
     quantization: QuantSpec | None = None,
+    place: Place | None = None,
 ) -> Llama:
     """Build a `Llama` from HF-named tensors ([out, in] linears), cast to `dtype`.
 
     quantization: int8 quantizes the float linears here; awq / gptq read the checkpoint's
     packed linears (models/quant_load.py). Embedding, norms and lm_head stay float.
-    Raises ValueError naming any missing or mis-shaped tensor.
+    `place(name, array, dtype)` puts each weight ("embed", "layers/wq", ..., "inv_freq") on
+    device; the default is `jnp.asarray` (the default device). Raises ValueError naming any
+    missing or mis-shaped tensor.
     """
+    put = place or (lambda _name, array, dt: jnp.asarray(array, dt))
     c = config
     shapes = layer_weight_shapes(c)
     packed = None
@@ -326,19 +333,19 @@ def llama_from_hf_tensors(
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
 
     model = nnx.eval_shape(lambda: Llama(c, dtype=dtype, rngs=nnx.Rngs(0)))
-    model.embed = nnx.Param(jnp.asarray(top["model.embed_tokens.weight"], dtype))
+    model.embed = nnx.Param(put("embed", top["model.embed_tokens.weight"], dtype))
     if quantization is not None:
         stacked = int8_layers(stacked) if packed is None else {**stacked, **packed.stacked()}
     model.layers = nnx.Dict(  # f32 arrays take `dtype`; packed ints and f16 scales stay
         {
-            n: nnx.Param(jnp.asarray(a, dtype if a.dtype == np.float32 else None))
+            n: nnx.Param(put(f"layers/{n}", a, dtype if a.dtype == np.float32 else a.dtype))
             for n, a in stacked.items()
         }
     )
-    model.final_norm = nnx.Param(jnp.asarray(top["model.norm.weight"], dtype))
+    model.final_norm = nnx.Param(put("final_norm", top["model.norm.weight"], dtype))
     if not c.tie_word_embeddings:
-        model.lm_head = nnx.Param(jnp.asarray(top["lm_head.weight"].T, dtype))
-    model.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(c)))
+        model.lm_head = nnx.Param(put("lm_head", top["lm_head.weight"].T, dtype))
+    model.inv_freq = nnx.Variable(put("inv_freq", rope_inv_freq(c), jnp.dtype(jnp.float32)))
     return model
 
 

@@ -17,7 +17,7 @@ import pytest
 from jpaged.serve import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
-FLAGS = ["--tensor-parallel-size", "--dtype", "--max-model-len", "--block-size", "--max-num-seqs",
+FLAGS = ["--tensor-parallel-size", "--mesh", "--coordinator-address", "--dtype", "--max-model-len", "--block-size", "--max-num-seqs",
          "--max-num-batched-tokens", "--gpu-memory-utilization", "--kv-cache-memory",
          "--num-blocks", "--enable-prefix-caching", "--no-enable-prefix-caching",
          "--quantization", "--attention-backend", "--seed", "--chat-template",
@@ -41,8 +41,9 @@ def test_help_lists_every_flag():
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2 is not supported yet"),
         (["--quantization", "fp8"], "invalid choice"),
+        (["--mesh", "dp=2,tp=1"], "the server runs dp=1"),
+        (["--num-processes", "2"], "needs coordinator_address"),
         (["--max-model-len", "lots"], "not a size"),
         (["--attention-backend", "cuda"], "invalid choice"),
     ],
