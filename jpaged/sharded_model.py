@@ -89,7 +89,7 @@ def load_llama(
         )  # fmt: skip
     tensors = _repeat_kv(tensors, config.head_dim, plan.kv_repeats)
     return llama_from_hf_tensors(
-        expanded_config(config, plan), tensors, dtype, sharded_place(mesh, plan)
+        expanded_config(config, plan), tensors, dtype, place=sharded_place(mesh, plan)
     )
 
 

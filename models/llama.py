@@ -279,6 +279,7 @@ def llama_from_hf_tensors(
     tensors: Iterable[tuple[str, np.ndarray]],
     dtype: jnp.dtype,
     quantization: QuantSpec | None = None,
+    *,
     place: Place | None = None,
 ) -> Llama:
     """Build a `Llama` from HF-named tensors ([out, in] linears), cast to `dtype`.
