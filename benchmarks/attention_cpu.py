@@ -3,7 +3,8 @@
 Sections:
   layer  SmolLM2-shaped decode attention for one layer (9 q heads, 3 kv heads, head_dim 64,
          B=64, contexts ~U(16, 512), block_size 16): `paged_attention` for each pages_per_tile,
-         `paged_attention_reference`, and dense attention over an already contiguous cache.
+         `paged_attention_reference`, the C++ `cpu` kernel, and dense attention over an
+         already contiguous cache.
   width  short contexts with an 8- vs 512-column block table: the same time (dynamic trips).
   scan   a jitted 30-layer `lax.scan` of write_kv + paged_attention with the pool donated, at
          two pool sizes; the time must not grow with num_blocks (ratio goal <= 1.1).
@@ -30,6 +31,8 @@ from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jpaged.paths import kernels_cache_dir  # noqa: E402
+from pallas_kernels import paged_attention_cpu  # noqa: E402
 from pallas_kernels.paged_attention_xla import (  # noqa: E402
     paged_attention,
     paged_attention_reference,
@@ -150,6 +153,10 @@ def bench_layer(
     for ppt in pages_per_tile:
         fns[f"paged_attention[pages_per_tile={ppt}]"] = lambda ppt=ppt: paged_attention(
             *args, scale=SCALE, pages_per_tile=ppt
+        )
+    if paged_attention_cpu.load(kernels_cache_dir()):  # the C++ FFI kernel (`cpu` backend)
+        fns["paged_attention_cpu"] = lambda: paged_attention_cpu.paged_attention_cpu(
+            *args, scale=SCALE
         )
     fns["paged_attention_reference"] = lambda: paged_attention_reference(*args, scale=SCALE)
     fns["contiguous_attention"] = lambda: contiguous_attention(

@@ -28,7 +28,7 @@ re-reads its context ceil(C * G' / 64) times, from L2 when the context fits ther
   (dense bf16); minimum K/V read 8.4 MB -> 2.5 us; re-reads <= 537 MB (causal half of
   128 row blocks x 8.4 MB), mostly L2 hits (50 MB L2).
 
-Run: .venv/bin/python benchmarks/kernels.py [--rounds N] [--allow-cpu]
+Run: .venv/bin/python benchmarks/attention_gpu.py [--rounds N] [--allow-cpu]
 """
 
 from __future__ import annotations
