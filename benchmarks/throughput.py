@@ -47,7 +47,11 @@ def worker_commands(engine: str, dtype: str, args: argparse.Namespace) -> list[l
         return [[sys.executable, str(BENCH / "bench_jpaged.py"), "--dtype", dtype,
                  "--num-requests", n, "--max-num-seqs", str(args.max_num_seqs),
                  "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-                 "--block-size", str(args.block_size), "--warmup", args.warmup]]  # fmt: skip
+                 "--block-size", str(args.block_size), "--warmup", args.warmup,
+                 "--attention-backend", args.attention_backend,
+                 "--kv-cache-dtype", args.kv_cache_dtype,
+                 *([] if args.unroll_layers is None else
+                   ["--unroll-layers" if args.unroll_layers else "--no-unroll-layers"])]]  # fmt: skip
     if engine == "vllm":
         from jpaged.weights import resolve_model
 
