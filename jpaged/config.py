@@ -116,6 +116,13 @@ class EngineConfig:
         Raises ValueError when `cpu` is asked for and cannot run here.
         """
         on_cpu = jax.default_backend() == "cpu"
+        # The cpu kernel is one FFI call XLA cannot partition (it would all-gather a sharded
+        # pool): with tp > 1, auto takes xla, which shards along KV heads with the step.
+        sharded = self.mesh_shape()[1] > 1
+        if self.attention_backend == "cpu" and sharded:
+            raise ValueError("attention_backend cpu does not run with tensor_parallel_size > 1")
+        if self.attention_backend == "auto" and on_cpu and sharded:
+            return "xla"
         if self.attention_backend in ("auto", "cpu") and on_cpu:
             from jpaged.paths import kernels_cache_dir
             from pallas_kernels import paged_attention_cpu

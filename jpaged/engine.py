@@ -15,11 +15,10 @@ import jax.numpy as jnp
 from jpaged.beam_search import BeamSearcher, BeamSearchParams
 from jpaged.config import EngineConfig
 from jpaged.detokenizer import IncrementalDetokenizer
+from jpaged.engine_setup import enable_compile_cache, load_engine_model, pool_num_blocks, tp_mesh
 from jpaged.kv_pool import (
     allocate_kv_pool,
-    device_kv_budget,
     kv_bytes_per_block,
-    num_blocks_for_budget,
 )
 from jpaged.malloc_tuning import tune_malloc
 from jpaged.model_runner import ModelRunner, StepSeq, all_step_shapes
@@ -31,21 +30,14 @@ from jpaged.scheduler import Scheduler
 from jpaged.sequence import Sequence as Seq
 from jpaged.sequence import next_seq_id
 from jpaged.sharded_model import (
-    bytes_per_device,
     kv_pool_sharding,
-    kv_pool_shards,
-    load_llama_from_dir,
-    shard_llama,
 )
 from jpaged.tokenizer import Tokenizer
-from jpaged.weights import iter_safetensors, load_model
 from models.config import LlamaConfig
-from models.llama import Llama, llama_from_hf_tensors
-from models.quant_load import resolve_quantization
+from models.llama import Llama
 
 logger = logging.getLogger("jpaged")
 
-CPU_DEFAULT_KV_BYTES = 4 << 30  # like vLLM's CPU default KV space (4 GiB)
 PromptType = str | list[int] | dict[str, Any]
 
 
@@ -65,33 +57,6 @@ class EngineStats:
     generation_tokens: int = 0
     load_time_s: float = 0.0
     warmup_time_s: float = 0.0
-
-
-def enable_compile_cache() -> None:
-    """Turn on JAX's persistent compilation cache in jpaged's cache dir (small programs too)."""
-    from jpaged.paths import xla_cache_dir
-
-    jax.config.update("jax_compilation_cache_dir", str(xla_cache_dir()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def _tp_mesh(config: EngineConfig) -> jax.sharding.Mesh | None:
-    """The (1, tp) mesh `config` asks for, None for a single device."""
-    from jpaged.mesh import build_mesh
-
-    dp, tp = config.mesh_shape()
-    if dp != 1:
-        raise ValueError(f"mesh dp={dp}: LLMEngine is one replica; use jpaged.data_parallel")
-    if jax.process_count() == 1:
-        return build_mesh(1, tp) if tp > 1 else None
-    mesh = build_mesh(1, tp)
-    if {d.process_index for d in mesh.devices.flat} != set(range(jax.process_count())):
-        raise ValueError(
-            f"tensor_parallel_size {tp} does not reach every one of the {jax.process_count()} "
-            f"processes' devices ({jax.device_count()} in all)"
-        )
-    return mesh
 
 
 class LLMEngine:
@@ -115,35 +80,16 @@ class LLMEngine:
         tune_malloc()
         if config.enable_compile_cache:
             enable_compile_cache()
-        dtype = jnp.dtype(config.jax_dtype())
-        self.mesh = mesh if mesh is not None else _tp_mesh(config)
-        if model is None:
-            loaded = load_model(config.model)
-            quant = resolve_quantization(config.quantization, loaded.model_dir)
-            if quant is None:
-                model = load_llama_from_dir(loaded.config, loaded.model_dir, dtype, self.mesh)
-            elif self.mesh is None:
-                tensors = iter_safetensors(loaded.model_dir)
-                model = llama_from_hf_tensors(loaded.config, tensors, dtype, quantization=quant)
-            else:
-                raise ValueError("quantization together with tensor_parallel_size > 1 is not built")
-            tokenizer = loaded.tokenizer
-        elif self.mesh is not None:
-            model = shard_llama(model, self.mesh)
-        if tokenizer is None:
-            raise ValueError("tokenizer is required when a prebuilt model is given")
+        self.mesh = mesh if mesh is not None else tp_mesh(config)
+        model, tokenizer = load_engine_model(config, self.mesh, model, tokenizer)
         self.tokenizer = tokenizer
         self.model_config: LlamaConfig = model.config
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
         attention_backend = config.resolved_backend()
-        if attention_backend == "cpu" and self.mesh is not None and self.mesh.size > 1:
-            # the FFI kernel is one custom call XLA cannot partition: it would all-gather the
-            # sharded pool; the xla path shards along KV heads with the rest of the step
-            attention_backend = "xla"
         kv_dtype = jnp.dtype(config.jax_kv_dtype())
-        num_blocks = self._num_blocks(model, kv_dtype)
+        num_blocks = pool_num_blocks(config, model, self.mesh, kv_dtype, self.max_model_len)
         pool_sharding = kv_pool_sharding(self.mesh, mc) if self.mesh is not None else None
         kv_pool = allocate_kv_pool(mc, num_blocks, config.block_size, kv_dtype, pool_sharding)
         self.runner = ModelRunner(
@@ -190,23 +136,6 @@ class LLMEngine:
             self.stats.warmup_time_s = self.runner.warmup(shapes)
             logger.info("compiled %d step shapes in %.2fs", len(shapes), self.stats.warmup_time_s)
         self._update_stats()
-
-    def _num_blocks(self, model: Llama, kv_dtype: jnp.dtype) -> int:
-        c = self.config
-        if c.num_blocks is not None:
-            return c.num_blocks
-        budget = c.kv_cache_memory
-        if budget is None:
-            budget = device_kv_budget(bytes_per_device(model), 0, c.gpu_memory_utilization)
-            if budget is None:
-                budget = CPU_DEFAULT_KV_BYTES
-            elif self.mesh is not None:  # per-device room x devices the pool is split over
-                budget *= kv_pool_shards(self.mesh, self.model_config)
-            # never more blocks than max_num_seqs full-length sequences need
-            per_block = kv_bytes_per_block(self.model_config, c.block_size, kv_dtype)
-            cap = (c.max_num_seqs * -(-self.max_model_len // c.block_size) + 1) * per_block
-            budget = min(budget, cap)
-        return num_blocks_for_budget(self.model_config, c.block_size, kv_dtype, budget)
 
     # ---- requests -------------------------------------------------------------------------
 

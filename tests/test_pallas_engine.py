@@ -36,6 +36,10 @@ def test_config_resolves_backends():
     cpu_ok = paged_attention_cpu.load(kernels_cache_dir())
     assert EngineConfig().resolved_backend() == ("cpu" if cpu_ok else "xla")
     assert EngineConfig(attention_backend="xla").resolved_backend() == "xla"
+    # the cpu kernel is not partitionable: sharded steps take xla, explicit cpu is refused
+    assert EngineConfig(tensor_parallel_size=2).resolved_backend() == "xla"
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineConfig(attention_backend="cpu", tensor_parallel_size=2).resolved_backend()
     assert EngineConfig(attention_backend="pallas").resolved_backend() == "pallas"
     with pytest.raises(ValueError, match="attention_backend"):
         EngineConfig(attention_backend="triton")

@@ -1,0 +1,96 @@
+"""What an LLMEngine is built from: the compile cache, the mesh, the model, the pool's size."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jpaged.config import EngineConfig
+from jpaged.kv_pool import device_kv_budget, kv_bytes_per_block, num_blocks_for_budget
+from jpaged.sharded_model import bytes_per_device, kv_pool_shards, load_llama_from_dir, shard_llama
+from jpaged.tokenizer import Tokenizer
+from jpaged.weights import iter_safetensors, load_model
+from models.llama import Llama, llama_from_hf_tensors
+from models.quant_load import resolve_quantization
+
+CPU_DEFAULT_KV_BYTES = 4 << 30  # like vLLM's CPU default KV space (4 GiB)
+
+
+def enable_compile_cache() -> None:
+    """Turn on JAX's persistent compilation cache in jpaged's cache dir (small programs too)."""
+    from jpaged.paths import xla_cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(xla_cache_dir()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def tp_mesh(config: EngineConfig) -> jax.sharding.Mesh | None:
+    """The (1, tp) mesh `config` asks for, None for a single device."""
+    from jpaged.mesh import build_mesh
+
+    dp, tp = config.mesh_shape()
+    if dp != 1:
+        raise ValueError(f"mesh dp={dp}: LLMEngine is one replica; use jpaged.data_parallel")
+    if jax.process_count() == 1:
+        return build_mesh(1, tp) if tp > 1 else None
+    mesh = build_mesh(1, tp)
+    if {d.process_index for d in mesh.devices.flat} != set(range(jax.process_count())):
+        raise ValueError(
+            f"tensor_parallel_size {tp} does not reach every one of the {jax.process_count()} "
+            f"processes' devices ({jax.device_count()} in all)"
+        )
+    return mesh
+
+
+def load_engine_model(
+    config: EngineConfig,
+    mesh: jax.sharding.Mesh | None,
+    model: Llama | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> tuple[Llama, Tokenizer]:
+    """`config.model` loaded (quantized / sharded as asked), or a prebuilt model re-placed
+    onto `mesh`. ValueError when a prebuilt model comes without a tokenizer, or for
+    quantization with tensor parallelism (not built)."""
+    dtype = jnp.dtype(config.jax_dtype())
+    if model is None:
+        loaded = load_model(config.model)
+        quant = resolve_quantization(config.quantization, loaded.model_dir)
+        if quant is None:
+            model = load_llama_from_dir(loaded.config, loaded.model_dir, dtype, mesh)
+        elif mesh is None:
+            tensors = iter_safetensors(loaded.model_dir)
+            model = llama_from_hf_tensors(loaded.config, tensors, dtype, quantization=quant)
+        else:
+            raise ValueError("quantization together with tensor_parallel_size > 1 is not built")
+        tokenizer = loaded.tokenizer
+    elif mesh is not None:
+        model = shard_llama(model, mesh)
+    if tokenizer is None:
+        raise ValueError("tokenizer is required when a prebuilt model is given")
+    return model, tokenizer
+
+
+def pool_num_blocks(
+    config: EngineConfig,
+    model: Llama,
+    mesh: jax.sharding.Mesh | None,
+    kv_dtype: jnp.dtype,
+    max_model_len: int,
+) -> int:
+    """KV blocks: `num_blocks`, else `kv_cache_memory`, else the device budget (CPU: 4 GiB),
+    capped at what max_num_seqs full-length sequences need."""
+    c, mc = config, model.config
+    if c.num_blocks is not None:
+        return c.num_blocks
+    budget = c.kv_cache_memory
+    if budget is None:
+        budget = device_kv_budget(bytes_per_device(model), 0, c.gpu_memory_utilization)
+        if budget is None:
+            budget = CPU_DEFAULT_KV_BYTES
+        elif mesh is not None:  # per-device room x devices the pool is split over
+            budget *= kv_pool_shards(mesh, mc)
+        per_block = kv_bytes_per_block(mc, c.block_size, kv_dtype)
+        cap = (c.max_num_seqs * -(-max_model_len // c.block_size) + 1) * per_block
+        budget = min(budget, cap)
+    return num_blocks_for_budget(mc, c.block_size, kv_dtype, budget)
