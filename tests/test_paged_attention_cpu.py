@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jpaged.paths import kernels_cache_dir
-from pallas_kernels import paged_attention, paged_attention_cpu
+from pallas_kernels import paged_attention, paged_attention_cpu, write_kv
 from tests.test_paged_attention import (
     LAYER,
     attend,
@@ -67,10 +67,6 @@ def test_low_precision_pools(kv_dtype):
     rng = np.random.default_rng(21)
     case = make_case(rng, random_seqs(rng, 5, 24), block_size=16, head_dim=64, num_kv_heads=2,
                      group=3, dtype="float32")  # fmt: skip
-    from jax import lax
-
-    from pallas_kernels import write_kv
-
     pool = write_kv(case.kv_pool, jnp.int32(LAYER), case.k_new, case.v_new, case.slot_mapping)
     low = pool.astype(kv_dtype)
     meta = (jnp.int32(LAYER), case.block_tables, case.seq_lens, case.q_positions)
@@ -81,7 +77,6 @@ def test_low_precision_pools(kv_dtype):
     padding = np.asarray(case.q_positions) < 0
     assert np.isfinite(got).all() and (got[padding] == 0).all()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert lax.is_finite(jnp.asarray(got)).all()
 
 
 def test_in_a_jitted_layer_scan_with_donated_pool():
@@ -89,8 +84,6 @@ def test_in_a_jitted_layer_scan_with_donated_pool():
     rng = np.random.default_rng(5)
     case = make_case(rng, [(40, 1), (17, 3), (0, 0), (64, 1)], block_size=8, head_dim=16,
                      num_kv_heads=2, group=2, dtype="float32")  # fmt: skip
-    from pallas_kernels import write_kv
-
     meta = (case.block_tables, case.seq_lens, case.q_positions)
 
     def step(kv_pool: jax.Array) -> tuple[jax.Array, jax.Array]:
