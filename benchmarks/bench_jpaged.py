@@ -31,6 +31,7 @@ def add_jpaged_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", default="decode", choices=["none", "decode", "all"])
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "xla"])
     parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--linear-backend", default="auto", choices=["auto", "amx", "xla"])
     parser.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=None,
                         help="default: the engine's")  # fmt: skip
 
@@ -44,7 +45,7 @@ def run_jpaged(args: argparse.Namespace, t_start: float) -> dict:
     llm = jpaged.LLM(dtype=args.dtype, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
                      max_num_batched_tokens=args.max_num_batched_tokens, warmup=args.warmup,
                      attention_backend=args.attention_backend,
-                     kv_cache_dtype=args.kv_cache_dtype, **extra)  # fmt: skip
+                     linear_backend=args.linear_backend, kv_cache_dtype=args.kv_cache_dtype, **extra)  # fmt: skip
     engine = llm.engine
     start_s = time.perf_counter() - t_start
     prompts, out_lens = workload_w(args.num_requests)
@@ -81,6 +82,7 @@ def run_jpaged(args: argparse.Namespace, t_start: float) -> dict:
         "dtype": args.dtype,
         "block_size": args.block_size,
         "attention_backend": engine.runner.attention_backend,
+        "linear_backend": engine.runner.linear_backend,
         "kv_cache_dtype": engine.config.jax_kv_dtype(),
         "unroll_layers": isinstance(engine.runner.params["layers"], list),
         "requests": len(prompts),

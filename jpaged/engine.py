@@ -35,6 +35,7 @@ from jpaged.sharded_model import (
 from jpaged.tokenizer import Tokenizer
 from models.config import LlamaConfig
 from models.llama import Llama
+from models.quant import LINEAR_NAMES
 
 logger = logging.getLogger("jpaged")
 
@@ -88,6 +89,10 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
         attention_backend = config.resolved_backend()
+        layers = model.layers
+        linear_backend = config.resolved_linear_backend(
+            str(model.embed[...].dtype), all(n in layers for n in LINEAR_NAMES)
+        )
         kv_dtype = jnp.dtype(config.jax_kv_dtype())
         num_blocks = pool_num_blocks(config, model, self.mesh, kv_dtype, self.max_model_len)
         pool_sharding = kv_pool_sharding(self.mesh, mc) if self.mesh is not None else None
@@ -100,6 +105,7 @@ class LLMEngine:
             attention_backend=attention_backend,
             unroll_layers=config.unroll_layers,
             mesh=self.mesh,
+            linear_backend=linear_backend,
         )
         self.scheduler = Scheduler(
             num_blocks=num_blocks,

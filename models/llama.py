@@ -8,6 +8,7 @@ v = vocabulary, l = layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable
 
@@ -20,6 +21,7 @@ from models.config import LlamaConfig
 from models.quant import LINEAR_NAMES, linear
 from models.quant_load import QuantizedTensors, QuantSpec, int8_layers
 from pallas_kernels import attention_functions
+from pallas_kernels.linear_amx import linear_amx, pack
 
 
 @jax.tree_util.register_dataclass
@@ -133,6 +135,32 @@ def layer_weight_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# The AMX path's packed linears: name -> the layer weights it concatenates along N.
+AMX_GROUPS = {
+    "qkv": ("wq", "wk", "wv"),
+    "o": ("wo",),
+    "gate_up": ("w_gate", "w_up"),
+    "down": ("w_down",),
+}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def pack_amx_params(c: LlamaConfig, params: dict) -> dict:
+    """Stacked bf16 params -> the same with every linear (and the head) packed into AMX tiles.
+
+    The packed [L, NB, KB, 16, 32] arrays go under params["amx"] (see AMX_GROUPS; "head" has
+    L = 1); the layers keep only their norms and biases.
+    """
+    layers = dict(params["layers"])
+    amx = {
+        group: pack(jnp.concatenate([layers.pop(n) for n in names], axis=-1))
+        for group, names in AMX_GROUPS.items()
+    }
+    head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
+    amx["head"] = pack(head[None])
+    return {**params, "layers": layers, "amx": amx}
+
+
 def decoder_layer(
     c: LlamaConfig,
     w: dict[str, jax.Array],
@@ -142,14 +170,22 @@ def decoder_layer(
     batch: ModelBatch,
     rope: tuple[jax.Array, jax.Array],
     attention_backend: str,
+    amx: dict[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """One decoder layer. w: this layer's weights; x: [t, d]. Returns (x, kv_pool)."""
+    """One decoder layer. w: this layer's weights; x: [t, d]. Returns (x, kv_pool).
+
+    amx: all layers' packed linears (`pack_amx_params`), read at `layer_idx`; None: the
+    linears are in `w`.
+    """
     num_tokens = x.shape[0]
     cos, sin = rope
+    qe, ke = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-    q = linear(h, w, "wq")
-    k = linear(h, w, "wk")
-    v = linear(h, w, "wv")
+    if amx is None:
+        q, k, v = linear(h, w, "wq"), linear(h, w, "wk"), linear(h, w, "wv")
+    else:
+        qkv = linear_amx(h, amx["qkv"], layer_idx, n=qe + 2 * ke)
+        q, k, v = jnp.split(qkv, [qe, qe + ke], axis=-1)
     if c.attention_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     q = apply_rope(q.reshape(num_tokens, -1, c.head_dim), cos, sin)
@@ -170,14 +206,21 @@ def decoder_layer(
         scale=1.0 / math.sqrt(c.head_dim),
     )
     attn = attn[batch.token_seq, batch.token_q].reshape(num_tokens, -1)  # [t, h*e]
-    o = linear(attn, w, "wo")
+    if amx is None:
+        o = linear(attn, w, "wo")
+    else:
+        o = linear_amx(attn, amx["o"], layer_idx, n=c.hidden_size)
     if c.attention_bias:
         o = o + w["bo"]
     x = x + o
     h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
-    gated = jax.nn.silu(linear(h, w, "w_gate")) * linear(h, w, "w_up")
-    x = x + linear(gated, w, "w_down")
-    return x, kv_pool
+    if amx is None:
+        gated = jax.nn.silu(linear(h, w, "w_gate")) * linear(h, w, "w_up")
+        return x + linear(gated, w, "w_down"), kv_pool
+    gate, up = jnp.split(
+        linear_amx(h, amx["gate_up"], layer_idx, n=2 * c.intermediate_size), 2, axis=-1
+    )
+    return x + linear_amx(jax.nn.silu(gate) * up, amx["down"], layer_idx, n=c.hidden_size), kv_pool
 
 
 def llama_forward(
@@ -198,18 +241,22 @@ def llama_forward(
     rope = rope_tables(batch.positions, params["inv_freq"])
     x = params["embed"][batch.token_ids]  # [t, d]
     layers = params["layers"]
+    amx = params.get("amx")  # closed over, not scanned: the kernel indexes the layer itself
     if isinstance(layers, dict):
 
         def body(carry: tuple[jax.Array, jax.Array], xs: tuple) -> tuple:
             w, layer_idx = xs
-            return decoder_layer(c, w, layer_idx, *carry, batch, rope, attention_backend), None
+            out = decoder_layer(c, w, layer_idx, *carry, batch, rope, attention_backend, amx)
+            return out, None
 
         layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
         (x, kv_pool), _ = jax.lax.scan(body, (x, kv_pool), (layers, layer_ids))
     else:
         for i, w in enumerate(layers):
-            x, kv_pool = decoder_layer(c, w, i, x, kv_pool, batch, rope, attention_backend)
+            x, kv_pool = decoder_layer(c, w, i, x, kv_pool, batch, rope, attention_backend, amx)
     x = rms_norm(x[batch.logits_index], params["final_norm"], c.rms_norm_eps)  # [r, d]
+    if amx is not None:
+        return linear_amx(x, amx["head"], 0, n=c.vocab_size, out_dtype=jnp.float32), kv_pool
     head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
     logits = jnp.dot(x, head, preferred_element_type=jnp.float32)  # [r, v]
     return logits, kv_pool

@@ -15,12 +15,17 @@
 // item's G*Q query rows, folded into an online (flash) softmax, and its V rows accumulated,
 // so every K/V byte of the context is read exactly once per step, straight from the pool.
 
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -271,6 +276,222 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
   }
 }
 
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__)
+// ---- bf16 queries over a bf16 pool on AMX tiles ----------------------------------------
+//
+// Per (tile, kv head) item, the G * Q query rows go in blocks of 16 and the context in blocks
+// of 32 keys. Scores are computed transposed, S^T [keys, rows] = K Q^T, so K rows load as A
+// tiles and the online softmax runs with one vector per key over 16 rows. P [rows, keys] goes
+// back to bf16 as an A tile and V, interleaved by key pairs, is the B tile of P V.
+constexpr bool kHaveAmx = true;
+constexpr int64_t kKeys = 32;  // keys per block
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+bool amx_permitted() {  // Linux grants the tile state on request, once per process
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+void configure_tiles() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+void release_tiles() { _tile_release(); }
+
+// e^x for 16 lanes (x <= 0 here): 2^(x log2 e) split into integer and fraction, the fraction
+// by a degree-6 polynomial (relative error ~2e-7), scaled back with vscalefps.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);  // [-0.5, 0.5]
+  __m512 y = _mm512_set1_ps(1.5403530393381606e-4f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+struct AmxScratch {
+  alignas(64) uint16_t qt[8][16][32];   // Q^T B tiles, one per 32 of D: [pair][row][2]
+  alignas(64) uint16_t k[kKeys][kMaxHeadDim];
+  alignas(64) uint16_t v[kMaxHeadDim / 16][16][32];  // V B tiles per 16 of D: [pair][d][2]
+  alignas(64) float s[kKeys][16];       // S^T
+  alignas(64) uint32_t p[16][16];       // P A tile: [row][key pair] bf16 pairs
+  alignas(64) uint32_t p_lo[16][16];    // P - bf16(P), the same way
+  alignas(64) float pv[16][16];
+  alignas(64) float o[16][kMaxHeadDim];
+};
+
+void attend_item_amx(const Problem& p, int64_t tile, int64_t kv_head, AmxScratch& w) {
+  const int64_t D = p.head_dim, Q = p.q_len, G = p.num_heads / p.num_kv_heads;
+  const int64_t rows = Q * G, bs = p.block_size, chunks = D / 32;
+  const int32_t seq_len = p.seq_lens[tile];
+  const int32_t* table = p.block_tables + tile * p.width;
+  const size_t token_stride = static_cast<size_t>(p.num_kv_heads * D);  // elements
+  const uint16_t* pool = reinterpret_cast<const uint16_t*>(p.pool);
+  const uint16_t* qsrc = reinterpret_cast<const uint16_t*>(p.q);
+  uint16_t* out = reinterpret_cast<uint16_t*>(p.out);
+  // vpermt2w indices: interleave words 0..15 (lo) or 16..31 (hi) of two rows
+  alignas(64) uint16_t lo_idx[32], hi_idx[32];
+  for (int i = 0; i < 16; ++i) {
+    lo_idx[2 * i] = i, lo_idx[2 * i + 1] = 32 + i;
+    hi_idx[2 * i] = 16 + i, hi_idx[2 * i + 1] = 48 + i;
+  }
+  const __m512i lo_words = _mm512_load_si512(lo_idx), hi_words = _mm512_load_si512(hi_idx);
+  alignas(64) int32_t pair_idx[16];
+  for (int i = 0; i < 16; ++i) pair_idx[i] = i * 16;  // row stride of w.p in u32
+  const __m512i scatter_idx = _mm512_load_si512(pair_idx);
+  alignas(64) uint16_t interleave_idx[32];
+  for (int i = 0; i < 16; ++i) interleave_idx[2 * i] = i, interleave_idx[2 * i + 1] = 16 + i;
+  const __m512i pair_words = _mm512_load_si512(interleave_idx);
+
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t nr = std::min<int64_t>(16, rows - r0);
+    alignas(64) int32_t last[16];
+    int64_t max_visible = -1;
+    std::memset(w.qt, 0, sizeof(w.qt));
+    for (int64_t m = 0; m < 16; ++m) {
+      last[m] = -1;
+      if (m >= nr) continue;
+      const int64_t r = r0 + m, qi = r / G, h = kv_head * G + r % G;
+      const int32_t pos = p.q_positions[tile * Q + qi];
+      last[m] = static_cast<int32_t>(std::min<int64_t>(pos, static_cast<int64_t>(seq_len) - 1));
+      max_visible = std::max<int64_t>(max_visible, last[m]);
+      const uint16_t* qrow = qsrc + ((tile * Q + qi) * p.num_heads + h) * D;
+      for (int64_t d = 0; d < D; ++d) w.qt[d / 32][(d % 32) / 2][m * 2 + d % 2] = qrow[d];
+    }
+    const __m512i last_v = _mm512_load_si512(last);
+    __m512 row_max = _mm512_set1_ps(kMaskValue), denom = _mm512_setzero_ps();
+    for (int64_t m = 0; m < 16; ++m) std::fill(w.o[m], w.o[m] + D, 0.0f);
+    const int64_t kv_end = std::min<int64_t>(max_visible + 1, p.width * bs);
+
+    for (int64_t k0 = 0; k0 < kv_end; k0 += kKeys) {
+      // stage K rows and V key pairs (zeros past the context: pool slots there may be garbage)
+      for (int64_t j = 0; j < kKeys; j += 2) {
+        const uint16_t* rows2[2] = {nullptr, nullptr};
+        for (int i = 0; i < 2; ++i) {
+          const int64_t key = k0 + j + i;
+          if (key < kv_end) {
+            const int64_t block = table[key / bs];
+            const uint16_t* base =
+                pool + ((((p.layer * p.num_blocks + block) * 2) * bs + key % bs) * token_stride +
+                        kv_head * D);
+            std::memcpy(w.k[j + i], base, D * 2);
+            rows2[i] = base + bs * token_stride;  // the V row of the same slot
+          } else {
+            std::memset(w.k[j + i], 0, D * 2);
+          }
+        }
+        for (int64_t c = 0; c < chunks; ++c) {
+          const __m512i a = rows2[0] ? _mm512_loadu_si512(rows2[0] + 32 * c) : _mm512_setzero_si512();
+          const __m512i b = rows2[1] ? _mm512_loadu_si512(rows2[1] + 32 * c) : _mm512_setzero_si512();
+          _mm512_store_si512(w.v[2 * c][j / 2], _mm512_permutex2var_epi16(a, lo_words, b));
+          _mm512_store_si512(w.v[2 * c + 1][j / 2], _mm512_permutex2var_epi16(a, hi_words, b));
+        }
+      }
+      // S^T = K Q^T, keys 0..15 in tmm0, 16..31 in tmm1
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t c = 0; c < chunks; ++c) {
+        _tile_loadd(4, w.qt[c], 64);
+        _tile_loadd(2, &w.k[0][32 * c], kMaxHeadDim * 2);
+        _tile_loadd(3, &w.k[16][32 * c], kMaxHeadDim * 2);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_dpbf16ps(1, 3, 4);
+      }
+      _tile_stored(0, w.s[0], 64);
+      _tile_stored(1, w.s[16], 64);
+      // online softmax, one vector of 16 rows per key
+      const __m512 scale = _mm512_set1_ps(p.scale);
+      __mmask16 visible[kKeys];
+      __m512 block_max = _mm512_set1_ps(kMaskValue);
+      for (int64_t j = 0; j < kKeys; ++j) {
+        visible[j] = _mm512_cmpge_epi32_mask(last_v, _mm512_set1_epi32(static_cast<int32_t>(k0 + j)));
+        const __m512 sj = _mm512_mask_mul_ps(_mm512_set1_ps(kMaskValue), visible[j],
+                                             _mm512_load_ps(w.s[j]), scale);
+        _mm512_store_ps(w.s[j], sj);
+        block_max = _mm512_max_ps(block_max, sj);
+      }
+      const __m512 new_max = _mm512_max_ps(row_max, block_max);
+      const __m512 rescale = exp16(_mm512_sub_ps(row_max, new_max));
+      row_max = new_max;
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < kKeys; j += 2) {
+        const __m512 pa = _mm512_maskz_mov_ps(visible[j], exp16(_mm512_sub_ps(_mm512_load_ps(w.s[j]), new_max)));
+        const __m512 pb = _mm512_maskz_mov_ps(visible[j + 1], exp16(_mm512_sub_ps(_mm512_load_ps(w.s[j + 1]), new_max)));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(pa, pb));
+        // P = hi + lo, both bf16: P V then loses nothing to P's rounding (~2^-17 relative)
+        __m512bh hi = _mm512_cvtne2ps_pbh(pb, pa);  // words 0..15 = pa rows, 16..31 = pb
+        const __m512i hi_bits = reinterpret_cast<__m512i&>(hi);
+        const __m512 pa_lo = _mm512_sub_ps(
+            pa, _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_castsi512_si256(hi_bits))));
+        const __m512 pb_lo = _mm512_sub_ps(
+            pb, _mm512_cvtpbh_ps(
+                    reinterpret_cast<__m256bh>(_mm512_extracti64x4_epi64(hi_bits, 1))));
+        __m512bh lo = _mm512_cvtne2ps_pbh(pb_lo, pa_lo);
+        const __m512i pairs_hi = _mm512_permutexvar_epi16(pair_words, hi_bits);
+        const __m512i pairs_lo =
+            _mm512_permutexvar_epi16(pair_words, reinterpret_cast<__m512i&>(lo));
+        _mm512_i32scatter_epi32(&w.p[0][j / 2], scatter_idx, pairs_hi, 4);  // column j / 2
+        _mm512_i32scatter_epi32(&w.p_lo[0][j / 2], scatter_idx, pairs_lo, 4);
+      }
+      denom = _mm512_fmadd_ps(denom, rescale, sum);
+      alignas(64) float rs[16];
+      _mm512_store_ps(rs, rescale);
+      // O = O * rescale + P V, 16 of D at a time
+      _tile_loadd(5, w.p, 64);
+      _tile_loadd(4, w.p_lo, 64);
+      for (int64_t e = 0; e < D / 16; ++e) {
+        _tile_zero(6);
+        _tile_loadd(7, w.v[e], 64);
+        _tile_dpbf16ps(6, 5, 7);
+        _tile_dpbf16ps(6, 4, 7);
+        _tile_stored(6, w.pv, 64);
+        for (int64_t m = 0; m < nr; ++m) {
+          float* o = &w.o[m][16 * e];
+          _mm512_store_ps(o, _mm512_fmadd_ps(_mm512_load_ps(o), _mm512_set1_ps(rs[m]),
+                                             _mm512_load_ps(w.pv[m])));
+        }
+      }
+    }
+    alignas(64) float dn[16];
+    _mm512_store_ps(dn, denom);
+    for (int64_t m = 0; m < nr; ++m) {
+      const int64_t r = r0 + m, qi = r / G, h = kv_head * G + r % G;
+      const float inv = dn[m] > 0.0f ? 1.0f / dn[m] : 0.0f;
+      uint16_t* dst = out + ((tile * Q + qi) * p.num_heads + h) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = f32_to_bf16(dn[m] > 0.0f ? w.o[m][d] * inv : 0.0f);
+    }
+  }
+}
+#else
+constexpr bool kHaveAmx = false;
+struct AmxScratch {};
+bool amx_permitted() { return false; }
+void configure_tiles() {}
+void release_tiles() {}
+void attend_item_amx(const Problem&, int64_t, int64_t, AmxScratch&) {}
+#endif
+
 bool supported_q(ffi::DataType t) {
   return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::F16;
 }
@@ -320,12 +541,24 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer q,
   }
 
   const int64_t num_items = p.num_tiles * p.num_kv_heads;
+  const bool amx = kHaveAmx && p.q_dtype == ffi::DataType::BF16 &&
+                   p.kv_dtype == ffi::DataType::BF16 && p.head_dim % 32 == 0 && amx_permitted();
   std::atomic<int64_t> next{0};
-  auto work = [&p, &next, num_items]() {
+  auto work = [&p, &next, num_items, amx]() {
     std::vector<float> scratch;
-    for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) {
-      attend_item(p, i / p.num_kv_heads, i % p.num_kv_heads, scratch);
+    std::unique_ptr<AmxScratch> tiles;
+    if (amx) {
+      tiles = std::make_unique<AmxScratch>();
+      configure_tiles();
     }
+    for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) {
+      if (amx) {
+        attend_item_amx(p, i / p.num_kv_heads, i % p.num_kv_heads, *tiles);
+      } else {
+        attend_item(p, i / p.num_kv_heads, i % p.num_kv_heads, scratch);
+      }
+    }
+    if (amx) release_tiles();
   };
   const int64_t num_workers =
       std::max<int64_t>(1, std::min<int64_t>(thread_pool.num_threads(), num_items));

@@ -14,70 +14,20 @@ says whether that worked; the engine falls back to the `xla` backend when it did
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.cpu_build import is_loaded, load_kernel
 from pallas_kernels.paged_attention_xla import check_attention_args
-
-logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("paged_attention_cpu.cc")
 _TARGET = "jpaged_paged_attention_cpu"
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC"]
 _QUERY_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 KV_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn, jnp.float8_e5m2)
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
-
-def _cpu_signature() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _build(compiler: str, build_dir: Path) -> Path:
-    import jaxlib
-
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, check=True
-    ).stdout.splitlines()[0]
-    key = hashlib.sha256(
-        "\0".join(
-            [_SOURCE.read_text(), " ".join(_FLAGS), version, jaxlib.__version__, _cpu_signature()]
-        ).encode()
-    ).hexdigest()[:16]
-    out = build_dir / f"paged_attention_cpu-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_out = Path(tmp) / out.name
-        subprocess.run(
-            [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(tmp_out)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        os.replace(tmp_out, out)  # atomic: concurrent builders never see a partial file
-    return out
 
 
 def load(build_dir: Path) -> bool:
@@ -85,24 +35,7 @@ def load(build_dir: Path) -> bool:
 
     Returns False (and logs why) where no C++ compiler or no working build exists.
     """
-    with _lock:
-        if "ok" in _state:
-            return bool(_state["ok"])
-        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-        try:
-            if compiler is None:
-                raise RuntimeError("no C++ compiler found (set CXX)")
-            lib = ctypes.CDLL(str(_build(compiler, Path(build_dir))))
-            jax.ffi.register_ffi_target(
-                _TARGET, jax.ffi.pycapsule(lib.JpagedPagedAttention), platform="cpu"
-            )
-            _state["lib"] = lib  # keep the library loaded
-            _state["ok"] = True
-        except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
-            detail = getattr(err, "stderr", "") or str(err)
-            logger.warning("cpu attention kernel unavailable, using xla: %s", detail[-2000:])
-            _state["ok"] = False
-        return bool(_state["ok"])
+    return load_kernel(_SOURCE, {_TARGET: "JpagedPagedAttention"}, build_dir)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "pages_per_tile"))
@@ -134,7 +67,7 @@ def paged_attention_cpu(
         raise ValueError(f"kv_pool dtype {kv_pool.dtype} is not supported by the cpu kernel")
     if q.shape[3] > 256:
         raise ValueError(f"head_dim must be <= 256, got {q.shape[3]}")
-    if not _state.get("ok"):
+    if not is_loaded(_SOURCE):
         raise RuntimeError("the cpu attention kernel is not loaded: call load(build_dir) first")
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
     return call(

@@ -36,6 +36,11 @@ CONFIGS = [  # (seed, block_size, head_dim, num_kv_heads, group, dtype, num_seqs
     (4, 64, 64, 1, 2, "float32", 3, 24),
     (5, 16, 64, 3, 3, "bfloat16", 5, 48),
     (6, 32, 16, 2, 4, "bfloat16", 4, 64),
+    # bf16 with head_dim % 32 == 0 runs on AMX tiles where the CPU has them: 8-token pages
+    # (a 32-key block spans pages), 16+ query rows per item (several row blocks), D = 128
+    (7, 8, 64, 2, 8, "bfloat16", 5, 40),
+    (8, 64, 128, 1, 4, "bfloat16", 4, 33),
+    (9, 16, 32, 3, 3, "bfloat16", 9, 1),
 ]
 
 
@@ -53,12 +58,13 @@ def test_cpu_kernel_matches_dense(seed, bs, d, kv, g, dtype, n, max_new):
     np.testing.assert_allclose(out, attend(case, paged_attention), rtol=tol, atol=1e-5)
 
 
-def test_long_context_decode_and_chunk():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_long_context_decode_and_chunk(dtype):
     rng = np.random.default_rng(9)
     seqs = [(2048, 1), (1, 1), (1500, 32), (0, 0), (777, 1)]
     case = make_case(rng, seqs, block_size=16, head_dim=64, num_kv_heads=2, group=4,
-                     dtype="float32")  # fmt: skip
-    check(case, attend(case, kernel), "float32")
+                     dtype=dtype)  # fmt: skip
+    check(case, attend(case, kernel), dtype)
 
 
 @pytest.mark.parametrize("kv_dtype", ["float16", "float8_e4m3fn", "float8_e5m2"])

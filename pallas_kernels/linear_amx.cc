@@ -1,0 +1,252 @@
+// bf16 matmul on Intel AMX tiles, as an XLA FFI custom call (see linear_amx.py).
+//
+// y[M, N] = x[M, K] @ W[K, N] for one layer of a stacked, pre-packed weight: the call takes
+// the whole [L, NB, KB, 16, 32] array and a layer index, so no weight slice is copied. W is
+// packed once at load into AMX "B" tiles: tile (nb, kb) holds rows k = 32 kb .. 32 kb + 31 and
+// columns n = 16 nb .. 16 nb + 15 as 16 rows of (k pair, 16 n x 2 k) bf16, the VNNI order that
+// TDPBF16PS reads. Products accumulate in f32 tiles; the result is written as bf16 (round to
+// nearest even) or f32.
+//
+// Work items are 32-column panels of W. Each item keeps its panel hot while it walks x in
+// chunks of 32 rows (two A tiles x two B tiles -> four f32 accumulator tiles). Items are
+// shared over XLA's intra-op thread pool; every worker configures its own tiles.
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kTileRows = 16;   // rows of x per A tile
+constexpr int64_t kTileK = 32;      // bf16 values of K per tile row
+constexpr int64_t kTileN = 16;      // columns per B tile
+constexpr int64_t kTileElems = 512; // bf16 values in one packed B tile
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+bool amx_permitted() {
+  // Linux hands out the 8 KB tile state only on request, once per process.
+  static const bool ok = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return ok;
+}
+
+void configure_tiles() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = kTileRows;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+struct Problem {
+  const uint16_t* x;  // [mp / 16, kb, 16, 32] bf16 A tiles, zero padded
+  const uint16_t* w;  // this layer's [nb, kb, 16, 32]
+  int64_t m, mp, kb, n, nb;
+  bool out_f32;
+  void* out;  // [m, n]
+};
+
+void write_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int64_t n0) {
+  const int64_t cols = std::min<int64_t>(2 * kTileN, p.n - n0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = c + r * 2 * kTileN;
+    if (p.out_f32) {
+      std::memcpy(static_cast<float*>(p.out) + (m0 + r) * p.n + n0, src, cols * sizeof(float));
+    } else {
+      uint16_t* dst = static_cast<uint16_t*>(p.out) + (m0 + r) * p.n + n0;
+      if (cols == 2 * kTileN) {  // round to nearest even, 32 at a time
+        __m512bh v = _mm512_cvtne2ps_pbh(_mm512_load_ps(src + kTileN), _mm512_load_ps(src));
+        _mm512_storeu_si512(dst, reinterpret_cast<__m512i&>(v));
+      } else {
+        for (int64_t j = 0; j < cols; ++j) dst[j] = to_bf16(src[j]);
+      }
+    }
+  }
+}
+
+// Tile loads stall on memory without this: fetch both B streams kPrefetch tiles ahead (past
+// the panel's end, that is the next panel of the same worker).
+constexpr int64_t kPrefetch = 4;
+
+inline void prefetch_ahead(const uint16_t* b0, const uint16_t* b1, int64_t k) {
+  const char* p0 = reinterpret_cast<const char*>(b0 + (k + kPrefetch) * kTileElems);
+  const char* p1 = reinterpret_cast<const char*>(b1 + (k + kPrefetch) * kTileElems);
+  for (int line = 0; line < 16; ++line) {
+    _mm_prefetch(p0 + 64 * line, _MM_HINT_T0);
+    _mm_prefetch(p1 + 64 * line, _MM_HINT_T0);
+  }
+}
+
+// Rows m0 .. m0 + 31 (or + 15 where only 16 remain) x columns 32 item .. 32 item + 31 of y.
+// `stream`: the panel comes from memory, so prefetch it ahead.
+void block(const Problem& p, int64_t item, int64_t m0, bool stream) {
+  alignas(64) float c[2 * kTileRows * 2 * kTileN];
+  const uint16_t* b0 = p.w + (2 * item) * p.kb * kTileElems;
+  const uint16_t* b1 = b0 + p.kb * kTileElems;
+  const uint16_t* a0 = p.x + m0 * p.kb * kTileK;  // tile (m0 / 16, k) at a0 + k * 512
+  const uint16_t* a1 = a0 + p.kb * kTileElems;
+  const bool two = m0 + kTileRows < p.mp;
+  _tile_zero(0);
+  _tile_zero(1);
+  if (two) {
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < p.kb; ++k) {
+      if (stream) prefetch_ahead(b0, b1, k);
+      _tile_loadd(6, b0 + k * kTileElems, 64);
+      _tile_loadd(7, b1 + k * kTileElems, 64);
+      _tile_loadd(4, a0 + k * kTileElems, 64);
+      _tile_loadd(5, a1 + k * kTileElems, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  } else {
+    for (int64_t k = 0; k < p.kb; ++k) {
+      if (stream) prefetch_ahead(b0, b1, k);
+      _tile_loadd(6, b0 + k * kTileElems, 64);
+      _tile_loadd(7, b1 + k * kTileElems, 64);
+      _tile_loadd(4, a0 + k * kTileElems, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+  }
+  _tile_stored(0, c, 2 * kTileN * sizeof(float));
+  _tile_stored(1, c + kTileN, 2 * kTileN * sizeof(float));
+  if (two) {
+    _tile_stored(2, c + kTileRows * 2 * kTileN, 2 * kTileN * sizeof(float));
+    _tile_stored(3, c + kTileRows * 2 * kTileN + kTileN, 2 * kTileN * sizeof(float));
+  }
+  const int64_t rows = std::min<int64_t>(two ? 2 * kTileRows : kTileRows, p.m - m0);
+  write_rows(p, c, m0, rows, 2 * kTileN * item);
+}
+
+// Panels [begin, end) for every row. Rows go in groups of kGroupRows (x's group stays in
+// L2); within a group each panel is streamed from memory once and reused from L1/L2 by the
+// group's 32-row chunks. Decode-sized x is a single group.
+constexpr int64_t kGroupRows = 256;
+
+void panels(const Problem& p, int64_t begin, int64_t end) {
+  for (int64_t g0 = 0; g0 < p.mp; g0 += kGroupRows) {
+    const int64_t g1 = std::min(p.mp, g0 + kGroupRows);
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t m0 = g0; m0 < g1; m0 += 2 * kTileRows) block(p, i, m0, m0 == g0);
+    }
+  }
+}
+
+ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                         ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> out) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto od = out->dimensions();
+  if (x.element_type() != ffi::DataType::BF16 || w.element_type() != ffi::DataType::BF16 ||
+      (out->element_type() != ffi::DataType::BF16 && out->element_type() != ffi::DataType::F32)) {
+    return ffi::Error::InvalidArgument("linear_amx: x and w must be bf16, out bf16 or f32");
+  }
+  if (xd.size() != 2 || wd.size() != 5 || od.size() != 2 || wd[3] != 16 || wd[4] != 32 ||
+      wd[1] % 2 != 0 || od[0] != xd[0] || (xd[1] + kTileK - 1) / kTileK != wd[2] || od[1] > wd[1] * kTileN ||
+      od[1] <= (wd[1] - 2) * kTileN) {
+    return ffi::Error::InvalidArgument("linear_amx: bad x / w / out shapes");
+  }
+  const int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= wd[0]) return ffi::Error::InvalidArgument("linear_amx: layer out of range");
+  if (!amx_permitted()) return ffi::Error::Internal("linear_amx: the kernel refused AMX state");
+
+  Problem p;
+  p.m = xd[0];
+  p.mp = (p.m + kTileRows - 1) / kTileRows * kTileRows;
+  p.kb = wd[2];
+  p.n = od[1];
+  p.nb = wd[1];
+  p.w = static_cast<const uint16_t*>(w.untyped_data()) + l * p.nb * p.kb * kTileElems;
+  p.out_f32 = out->element_type() == ffi::DataType::F32;
+  p.out = out->untyped_data();
+  if (p.m == 0) return ffi::Error::Success();
+  // x in A-tile order, [mp / 16, kb, 16, 32] zero padded, so every tile load is 1 KB
+  // contiguous (row-strided tile loads from L2 stall on line fills).
+  const int64_t k = xd[1];
+  std::vector<uint16_t> tiles(p.mp * p.kb * kTileK, 0);
+  const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
+  for (int64_t r = 0; r < p.m; ++r) {
+    uint16_t* row = tiles.data() + (r / kTileRows) * p.kb * kTileElems + (r % kTileRows) * kTileK;
+    for (int64_t c = 0; c < k; c += kTileK) {
+      std::memcpy(row + (c / kTileK) * kTileElems, src + r * k + c,
+                  std::min<int64_t>(kTileK, k - c) * 2);
+    }
+  }
+  p.x = tiles.data();
+
+  // Each worker takes a contiguous run of panels: one memory stream, prefetched ahead.
+  const int64_t num_items = p.nb / 2;
+  const int64_t num_workers =
+      std::max<int64_t>(1, std::min<int64_t>(thread_pool.num_threads(), num_items));
+  std::atomic<int64_t> next{0};
+  auto work = [&p, &next, num_items, num_workers]() {
+    const int64_t w = next.fetch_add(1);
+    const int64_t begin = num_items * w / num_workers, end = num_items * (w + 1) / num_workers;
+    configure_tiles();
+    panels(p, begin, end);
+    _tile_release();
+  };
+  if (num_workers == 1) {
+    work();
+    return ffi::Error::Success();
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t pending = num_workers - 1;
+  for (int64_t i = 0; i < num_workers - 1; ++i) {
+    thread_pool.Schedule([&work, &mu, &cv, &pending]() {
+      work();
+      std::lock_guard<std::mutex> lock(mu);
+      if (--pending == 0) cv.notify_one();
+    });
+  }
+  work();
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&pending] { return pending == 0; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearAmx, LinearAmxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // x [M, K] bf16
+                                  .Arg<ffi::AnyBuffer>()         // w [L, NB, KB, 16, 32] bf16
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Ret<ffi::AnyBuffer>());       // out [M, N]
