@@ -31,7 +31,7 @@ def add_jpaged_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", default="decode", choices=["none", "decode", "all"])
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "xla"])
     parser.add_argument("--kv-cache-dtype", default="auto")
-    parser.add_argument("--linear-backend", default="auto", choices=["auto", "amx", "xla"])
+    parser.add_argument("--linear-backend", default="auto", choices=["auto", "cpu", "xla"])
     parser.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=None,
                         help="default: the engine's")  # fmt: skip
 

@@ -34,7 +34,7 @@ from workload import workload_w  # noqa: E402
 CMD = ".venv/bin/python benchmarks/profile_w.py " + " ".join(sys.argv[1:])
 CATEGORIES = [  # (category, substrings of a symbol or DSO), first match wins
     ("attention", ("attend_item", "PagedAttentionImpl", "paged_attention_cpu")),
-    ("matmul", ("linear_amx", "LinearAmx", "ynn::dot", "ynn::interleave", "ynn::pack", "ynn::transpose", "dnnl", "gemm",
+    ("matmul", ("linear_cpu", "LinearAmx", "LinearF32", "micro_f32", "ynn::dot", "ynn::interleave", "ynn::pack", "ynn::transpose", "dnnl", "gemm",
                 "Eigen::internal::gebp", "xnn_")),
     ("copies_and_page_faults", ("memmove", "memcpy", "memset", "clear_page", "page_fault",
                                 "folio", "get_page_from_freelist")),
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--no-perf", action="store_true", help="skip the perf-sampled re-run")
-    parser.add_argument("--linear-backend", default="auto", choices=["auto", "amx", "xla"])
+    parser.add_argument("--linear-backend", default="auto", choices=["auto", "cpu", "xla"])
     args = parser.parse_args()
     print(json.dumps(run_w(args)), flush=True)
     if not args.no_perf:

@@ -42,8 +42,8 @@ class EngineConfig:
     # layers unrolled over per-layer weight arrays (faster steps, longer compiles) instead of
     # a lax.scan over stacked weights, whose slices XLA copies every step
     unroll_layers: bool = False
-    # auto: amx (bf16 linears on Intel AMX tiles, C++ kernel) for float bf16 weights on one CPU
-    # device where the CPU has AMX-BF16, else xla (plain dots)
+    # auto: cpu (C++ kernels over weights packed once: f32 on AVX-512, bf16 on AMX tiles) for
+    # float weights on one CPU device that has the instructions, else xla (plain dots)
     linear_backend: str = "auto"
     tensor_parallel_size: int = 1  # devices one model replica is sharded over
     mesh: Any = None  # {"dp": D, "tp": T} or "dp=D,tp=T" (jpaged.mesh); None: dp=1
@@ -86,8 +86,8 @@ class EngineConfig:
         check(self.quantization in (None, "int8", "awq", "gptq"), "quantization",
               "must be None, int8, awq or gptq")  # fmt: skip
         check(self.warmup in ("none", "decode", "all"), "warmup", "must be none, decode or all")
-        check(self.linear_backend in ("auto", "amx", "xla"), "linear_backend",
-              "must be auto, amx or xla")  # fmt: skip
+        check(self.linear_backend in ("auto", "cpu", "xla"), "linear_backend",
+              "must be auto, cpu or xla")  # fmt: skip
         check(
             isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
             "tensor_parallel_size",
@@ -146,27 +146,28 @@ class EngineConfig:
         """The linear layers' backend after resolving `auto` (see `linear_backend`), for
         weights of `weights_dtype` (float_linears: none of them quantized).
 
-        Raises ValueError when `amx` is asked for and cannot run here.
+        Raises ValueError when `cpu` is asked for and cannot run here.
         """
         if self.linear_backend == "xla":
             return "xla"
         why = None
         if jax.default_backend() != "cpu":
             why = "runs only on the CPU platform"
-        elif weights_dtype != "bfloat16":
-            why = f"needs bfloat16 weights, not {weights_dtype}"
+        elif weights_dtype not in ("float32", "bfloat16"):
+            why = f"needs float32 or bfloat16 weights, not {weights_dtype}"
         elif self.quantization is not None or not float_linears:
             why = "does not run quantized weights"
         elif self.mesh_shape() != (1, 1):
             why = "does not run on a mesh of more than one device"
         else:
             from jpaged.paths import kernels_cache_dir
-            from pallas_kernels import linear_amx
+            from pallas_kernels import linear_cpu
 
-            if not linear_amx.available(kernels_cache_dir()):
-                why = "needs a CPU with AMX-BF16 and a C++ compiler"
+            if not linear_cpu.available(kernels_cache_dir(), weights_dtype):
+                need = "AVX-512F" if weights_dtype == "float32" else "AMX-BF16"
+                why = f"needs a CPU with {need} and a C++ compiler for {weights_dtype}"
         if why is None:
-            return "amx"
-        if self.linear_backend == "amx":
-            raise ValueError(f"linear_backend amx {why}")
+            return "cpu"
+        if self.linear_backend == "cpu":
+            raise ValueError(f"linear_backend cpu {why}")
         return "xla"

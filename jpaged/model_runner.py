@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.sampler import SamplingRow, build_sampling_tensors, compute_logprobs, sample
-from models.llama import Llama, ModelBatch, llama_forward, pack_amx_params, unstack_layers
+from models.llama import Llama, ModelBatch, llama_forward, pack_linear_params, unstack_layers
 
 logger = logging.getLogger(__name__)
 
@@ -127,13 +127,13 @@ class ModelRunner:
     ) -> None:
         """`mesh`: the weights and pool are sharded over it (jpaged.sharded_model); step
         outputs are replicated on it, the pool keeps its sharding. `linear_backend`: xla
-        (plain dots) or amx (bf16 weights packed for the C++ AMX kernel, pallas_kernels.linear_amx)."""
+        (plain dots) or cpu (weights packed for the C++ kernels, pallas_kernels.linear_cpu)."""
         self.config = model.config
         self.attention_backend = attention_backend  # a name in ATTENTION_BACKENDS, fixed
         self.linear_backend = linear_backend
         params = model.params()
-        if linear_backend == "amx":
-            params = pack_amx_params(self.config, params)
+        if linear_backend == "cpu":
+            params = pack_linear_params(self.config, params)
         if unroll_layers:  # per-layer weight arrays, so the step copies no weight slices
             params["layers"] = unstack_layers(params["layers"], self.config.num_hidden_layers)
         self.params = params

@@ -21,7 +21,7 @@ from models.config import LlamaConfig
 from models.quant import LINEAR_NAMES, linear
 from models.quant_load import QuantizedTensors, QuantSpec, int8_layers
 from pallas_kernels import attention_functions
-from pallas_kernels.linear_amx import linear_amx, pack
+from pallas_kernels.linear_cpu import linear_cpu, pack
 
 
 @jax.tree_util.register_dataclass
@@ -135,8 +135,8 @@ def layer_weight_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# The AMX path's packed linears: name -> the layer weights it concatenates along N.
-AMX_GROUPS = {
+# The cpu linear backend's packed linears: name -> the layer weights it concatenates along N.
+PACKED_GROUPS = {
     "qkv": ("wq", "wk", "wv"),
     "o": ("wo",),
     "gate_up": ("w_gate", "w_up"),
@@ -145,20 +145,21 @@ AMX_GROUPS = {
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def pack_amx_params(c: LlamaConfig, params: dict) -> dict:
-    """Stacked bf16 params -> the same with every linear (and the head) packed into AMX tiles.
+def pack_linear_params(c: LlamaConfig, params: dict) -> dict:
+    """Stacked f32 / bf16 params -> the same with every linear (and the head) packed for the
+    `cpu` linear kernels (pallas_kernels.linear_cpu.pack).
 
-    The packed [L, NB, KB, 16, 32] arrays go under params["amx"] (see AMX_GROUPS; "head" has
-    L = 1); the layers keep only their norms and biases.
+    The packed arrays go under params["packed"] (see PACKED_GROUPS; "head" has L = 1); the
+    layers keep only their norms and biases.
     """
     layers = dict(params["layers"])
-    amx = {
+    packed = {
         group: pack(jnp.concatenate([layers.pop(n) for n in names], axis=-1))
-        for group, names in AMX_GROUPS.items()
+        for group, names in PACKED_GROUPS.items()
     }
     head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
-    amx["head"] = pack(head[None])
-    return {**params, "layers": layers, "amx": amx}
+    packed["head"] = pack(head[None])
+    return {**params, "layers": layers, "packed": packed}
 
 
 def decoder_layer(
@@ -170,21 +171,21 @@ def decoder_layer(
     batch: ModelBatch,
     rope: tuple[jax.Array, jax.Array],
     attention_backend: str,
-    amx: dict[str, jax.Array] | None = None,
+    packed: dict[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One decoder layer. w: this layer's weights; x: [t, d]. Returns (x, kv_pool).
 
-    amx: all layers' packed linears (`pack_amx_params`), read at `layer_idx`; None: the
+    packed: all layers' packed linears (`pack_linear_params`), read at `layer_idx`; None: the
     linears are in `w`.
     """
     num_tokens = x.shape[0]
     cos, sin = rope
     qe, ke = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-    if amx is None:
+    if packed is None:
         q, k, v = linear(h, w, "wq"), linear(h, w, "wk"), linear(h, w, "wv")
     else:
-        qkv = linear_amx(h, amx["qkv"], layer_idx, n=qe + 2 * ke)
+        qkv = linear_cpu(h, packed["qkv"], layer_idx, n=qe + 2 * ke)
         q, k, v = jnp.split(qkv, [qe, qe + ke], axis=-1)
     if c.attention_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
@@ -206,21 +207,21 @@ def decoder_layer(
         scale=1.0 / math.sqrt(c.head_dim),
     )
     attn = attn[batch.token_seq, batch.token_q].reshape(num_tokens, -1)  # [t, h*e]
-    if amx is None:
+    if packed is None:
         o = linear(attn, w, "wo")
     else:
-        o = linear_amx(attn, amx["o"], layer_idx, n=c.hidden_size)
+        o = linear_cpu(attn, packed["o"], layer_idx, n=c.hidden_size)
     if c.attention_bias:
         o = o + w["bo"]
     x = x + o
     h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
-    if amx is None:
+    if packed is None:
         gated = jax.nn.silu(linear(h, w, "w_gate")) * linear(h, w, "w_up")
         return x + linear(gated, w, "w_down"), kv_pool
-    gate, up = jnp.split(
-        linear_amx(h, amx["gate_up"], layer_idx, n=2 * c.intermediate_size), 2, axis=-1
-    )
-    return x + linear_amx(jax.nn.silu(gate) * up, amx["down"], layer_idx, n=c.hidden_size), kv_pool
+    gate_up = linear_cpu(h, packed["gate_up"], layer_idx, n=2 * c.intermediate_size)
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    down = linear_cpu(jax.nn.silu(gate) * up, packed["down"], layer_idx, n=c.hidden_size)
+    return x + down, kv_pool
 
 
 def llama_forward(
@@ -241,22 +242,22 @@ def llama_forward(
     rope = rope_tables(batch.positions, params["inv_freq"])
     x = params["embed"][batch.token_ids]  # [t, d]
     layers = params["layers"]
-    amx = params.get("amx")  # closed over, not scanned: the kernel indexes the layer itself
+    packed = params.get("packed")  # closed over, not scanned: the kernel indexes the layer
     if isinstance(layers, dict):
 
         def body(carry: tuple[jax.Array, jax.Array], xs: tuple) -> tuple:
             w, layer_idx = xs
-            out = decoder_layer(c, w, layer_idx, *carry, batch, rope, attention_backend, amx)
+            out = decoder_layer(c, w, layer_idx, *carry, batch, rope, attention_backend, packed)
             return out, None
 
         layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
         (x, kv_pool), _ = jax.lax.scan(body, (x, kv_pool), (layers, layer_ids))
     else:
         for i, w in enumerate(layers):
-            x, kv_pool = decoder_layer(c, w, i, x, kv_pool, batch, rope, attention_backend, amx)
+            x, kv_pool = decoder_layer(c, w, i, x, kv_pool, batch, rope, attention_backend, packed)
     x = rms_norm(x[batch.logits_index], params["final_norm"], c.rms_norm_eps)  # [r, d]
-    if amx is not None:
-        return linear_amx(x, amx["head"], 0, n=c.vocab_size, out_dtype=jnp.float32), kv_pool
+    if packed is not None:
+        return linear_cpu(x, packed["head"], 0, n=c.vocab_size, out_dtype=jnp.float32), kv_pool
     head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
     logits = jnp.dot(x, head, preferred_element_type=jnp.float32)  # [r, v]
     return logits, kv_pool

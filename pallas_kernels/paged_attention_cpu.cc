@@ -384,17 +384,32 @@ void attend_item_amx(const Problem& p, int64_t tile, int64_t kv_head, AmxScratch
     for (int64_t m = 0; m < 16; ++m) std::fill(w.o[m], w.o[m] + D, 0.0f);
     const int64_t kv_end = std::min<int64_t>(max_visible + 1, p.width * bs);
 
+    // K row of `key` (its V row is bs * token_stride further on)
+    auto k_row = [&](int64_t key) {
+      return pool + ((((p.layer * p.num_blocks + table[key / bs]) * 2) * bs + key % bs) *
+                         token_stride +
+                     kv_head * D);
+    };
+    auto prefetch_block = [&](int64_t first) {  // pages are scattered: no hardware prefetch
+      for (int64_t key = first; key < std::min(first + kKeys, kv_end); ++key) {
+        const char* k = reinterpret_cast<const char*>(k_row(key));
+        const char* v = k + bs * token_stride * 2;
+        for (int64_t b = 0; b < D * 2; b += 64) {
+          _mm_prefetch(k + b, _MM_HINT_T0);
+          _mm_prefetch(v + b, _MM_HINT_T0);
+        }
+      }
+    };
+    prefetch_block(0);
     for (int64_t k0 = 0; k0 < kv_end; k0 += kKeys) {
+      prefetch_block(k0 + kKeys);
       // stage K rows and V key pairs (zeros past the context: pool slots there may be garbage)
       for (int64_t j = 0; j < kKeys; j += 2) {
         const uint16_t* rows2[2] = {nullptr, nullptr};
         for (int i = 0; i < 2; ++i) {
           const int64_t key = k0 + j + i;
           if (key < kv_end) {
-            const int64_t block = table[key / bs];
-            const uint16_t* base =
-                pool + ((((p.layer * p.num_blocks + block) * 2) * bs + key % bs) * token_stride +
-                        kv_head * D);
+            const uint16_t* base = k_row(key);
             std::memcpy(w.k[j + i], base, D * 2);
             rows2[i] = base + bs * token_stride;  // the V row of the same slot
           } else {

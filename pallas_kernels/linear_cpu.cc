@@ -1,8 +1,13 @@
-// bf16 matmul on Intel AMX tiles, as an XLA FFI custom call (see linear_amx.py).
+// The `cpu` linear backend (see linear_cpu.py): y = x @ W for one layer of a stacked weight
+// packed once at load, as XLA FFI custom calls. Each call takes the whole [L, ...] array and a
+// layer index, so no weight slice is copied.
 //
-// y[M, N] = x[M, K] @ W[K, N] for one layer of a stacked, pre-packed weight: the call takes
-// the whole [L, NB, KB, 16, 32] array and a layer index, so no weight slice is copied. W is
-// packed once at load into AMX "B" tiles: tile (nb, kb) holds rows k = 32 kb .. 32 kb + 31 and
+// JpagedLinearF32: f32 on AVX-512 FMA. W is packed as [L, N / 32, K, 32] panels; a micro
+// kernel keeps up to 14 rows x 32 columns of y in registers and streams its panel once.
+//
+// JpagedLinearAmx: bf16 on Intel AMX tiles.
+//
+// y[M, N] = x[M, K] @ W[K, N]; W [L, NB, KB, 16, 32] is packed into AMX "B" tiles: tile (nb, kb) holds rows k = 32 kb .. 32 kb + 31 and
 // columns n = 16 nb .. 16 nb + 15 as 16 rows of (k pair, 16 n x 2 k) bf16, the VNNI order that
 // TDPBF16PS reads. Products accumulate in f32 tiles; the result is written as bf16 (round to
 // nearest even) or f32.
@@ -29,6 +34,10 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+constexpr int64_t kGroupRows = 256;  // rows of x per L2-resident group (see panels)
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define JPAGED_HAVE_AMX 1
 constexpr int64_t kTileRows = 16;   // rows of x per A tile
 constexpr int64_t kTileK = 32;      // bf16 values of K per tile row
 constexpr int64_t kTileN = 16;      // columns per B tile
@@ -156,7 +165,6 @@ void block(const Problem& p, int64_t item, int64_t m0, bool stream) {
 // Panels [begin, end) for every row. Rows go in groups of kGroupRows (x's group stays in
 // L2); within a group each panel is streamed from memory once and reused from L1/L2 by the
 // group's 32-row chunks. Decode-sized x is a single group.
-constexpr int64_t kGroupRows = 256;
 
 void panels(const Problem& p, int64_t begin, int64_t end) {
   for (int64_t g0 = 0; g0 < p.mp; g0 += kGroupRows) {
@@ -167,8 +175,153 @@ void panels(const Problem& p, int64_t begin, int64_t end) {
   }
 }
 
+
+#endif  // AMX
+
+#if defined(__AVX512F__)
+// ---- f32 on AVX-512 FMA -----------------------------------------------------------------
+
+constexpr int64_t kPanelF32 = 32;  // columns per packed f32 panel (two zmm)
+constexpr int64_t kMaxRowsF32 = 14;  // 28 accumulators + 2 panel registers of 32
+
+struct ProblemF32 {
+  const float* x;  // [m, k]
+  const float* w;  // this layer's [np, k, 32]
+  int64_t m, k, n, np;
+  float* out;  // [m, n]
+};
+
+// Rows m0 .. m0 + MR - 1 x panel `j`.
+// pf: where to prefetch 32 bytes per k into L2 (part of the next panel), or null.
+template <int MR>
+void micro_f32(const ProblemF32& p, int64_t m0, int64_t j, const char* pf) {
+  __m512 acc[MR][2];  // fully unrolled loops keep these in registers
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const float* b = p.w + j * p.k * kPanelF32;
+  const float* a = p.x + m0 * p.k;
+  for (int64_t k = 0; k < p.k; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b + k * kPanelF32);
+    const __m512 b1 = _mm512_loadu_ps(b + k * kPanelF32 + 16);
+    if (pf != nullptr) _mm_prefetch(pf + 32 * k, _MM_HINT_T1);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 ar = _mm512_set1_ps(a[r * p.k + k]);
+      acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
+    }
+  }
+  const int64_t n0 = j * kPanelF32, cols = std::min<int64_t>(kPanelF32, p.n - n0);
+  const __mmask16 m_lo = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m_hi =
+      cols >= 32 ? 0xffff : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    float* dst = p.out + (m0 + r) * p.n + n0;
+    _mm512_mask_storeu_ps(dst, m_lo, acc[r][0]);
+    _mm512_mask_storeu_ps(dst + 16, m_hi, acc[r][1]);
+  }
+}
+
+void rows_f32(const ProblemF32& p, int64_t m0, int64_t rows, int64_t j, const char* pf) {
+  switch (rows) {
+#define JPAGED_ROWS(R) \
+  case R:              \
+    return micro_f32<R>(p, m0, j, pf);
+    JPAGED_ROWS(1) JPAGED_ROWS(2) JPAGED_ROWS(3) JPAGED_ROWS(4) JPAGED_ROWS(5) JPAGED_ROWS(6)
+    JPAGED_ROWS(7) JPAGED_ROWS(8) JPAGED_ROWS(9) JPAGED_ROWS(10) JPAGED_ROWS(11)
+    JPAGED_ROWS(12) JPAGED_ROWS(13) JPAGED_ROWS(14)
+#undef JPAGED_ROWS
+    default:
+      return;
+  }
+}
+
+// Panels [begin, end) for every row: rows in groups of kGroupRows (x's group stays in L2), each
+// panel streamed from memory once per group and reused from L2 by its 14-row strips. While
+// the later strips compute from L2, they prefetch the next panel (a share each), so its
+// first strip does not wait on memory.
+void panels_f32(const ProblemF32& p, int64_t begin, int64_t end) {
+  const int64_t panel_bytes = p.k * kPanelF32 * sizeof(float);
+  for (int64_t g0 = 0; g0 < p.m; g0 += kGroupRows) {
+    const int64_t g1 = std::min(p.m, g0 + kGroupRows);
+    const int64_t strips = (g1 - g0 + kMaxRowsF32 - 1) / kMaxRowsF32;
+    for (int64_t j = begin; j < end; ++j) {
+      const char* next = reinterpret_cast<const char*>(p.w) + (j + 1) * panel_bytes;
+      for (int64_t s = 0; s < strips; ++s) {
+        const int64_t m0 = g0 + s * kMaxRowsF32;
+        const char* pf = nullptr;
+        if (s > 0 && j + 1 < end) pf = next + (s - 1) * panel_bytes / (strips - 1);
+        rows_f32(p, m0, std::min(kMaxRowsF32, g1 - m0), j, pf);
+      }
+    }
+  }
+}
+
+#endif  // __AVX512F__
+
+// Runs fn(begin, end) over num_items panels on XLA's intra-op pool, each worker a contiguous
+// run of panels (one memory stream, prefetched ahead).
+template <typename Fn>
+void parallel_panels(ffi::ThreadPool& thread_pool, int64_t num_items, Fn fn) {
+  const int64_t num_workers =
+      std::max<int64_t>(1, std::min<int64_t>(thread_pool.num_threads(), num_items));
+  std::atomic<int64_t> next{0};
+  auto work = [&]() {
+    const int64_t w = next.fetch_add(1);
+    fn(num_items * w / num_workers, num_items * (w + 1) / num_workers);
+  };
+  if (num_workers == 1) {
+    work();
+    return;
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t pending = num_workers - 1;
+  for (int64_t i = 0; i < num_workers - 1; ++i) {
+    thread_pool.Schedule([&work, &mu, &cv, &pending]() {
+      work();
+      std::lock_guard<std::mutex> lock(mu);
+      if (--pending == 0) cv.notify_one();
+    });
+  }
+  work();
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&pending] { return pending == 0; });
+}
+
+ffi::Error LinearF32Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer,
+                         ffi::Result<ffi::Buffer<ffi::F32>> out) {
+#if defined(__AVX512F__)
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 4 || od.size() != 2 || wd[3] != kPanelF32 ||
+      wd[2] != xd[1] || od[0] != xd[0] || od[1] > wd[1] * kPanelF32 ||
+      od[1] <= (wd[1] - 1) * kPanelF32) {
+    return ffi::Error::InvalidArgument("linear_f32: bad x / w / out shapes");
+  }
+  const int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= wd[0]) return ffi::Error::InvalidArgument("linear_f32: layer out of range");
+  ProblemF32 p;
+  p.x = x.typed_data();
+  p.m = xd[0];
+  p.k = xd[1];
+  p.n = od[1];
+  p.np = wd[1];
+  p.w = w.typed_data() + l * p.np * p.k * kPanelF32;
+  p.out = out->typed_data();
+  if (p.m > 0) parallel_panels(thread_pool, p.np, [&p](int64_t b, int64_t e) { panels_f32(p, b, e); });
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal("linear_f32: built for a CPU without AVX-512");
+#endif
+}
+
 ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                          ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> out) {
+#if defined(JPAGED_HAVE_AMX)
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   auto od = out->dimensions();
@@ -177,8 +330,8 @@ ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::Any
     return ffi::Error::InvalidArgument("linear_amx: x and w must be bf16, out bf16 or f32");
   }
   if (xd.size() != 2 || wd.size() != 5 || od.size() != 2 || wd[3] != 16 || wd[4] != 32 ||
-      wd[1] % 2 != 0 || od[0] != xd[0] || (xd[1] + kTileK - 1) / kTileK != wd[2] || od[1] > wd[1] * kTileN ||
-      od[1] <= (wd[1] - 2) * kTileN) {
+      wd[1] % 2 != 0 || od[0] != xd[0] || (xd[1] + kTileK - 1) / kTileK != wd[2] ||
+      od[1] > wd[1] * kTileN || od[1] <= (wd[1] - 2) * kTileN) {
     return ffi::Error::InvalidArgument("linear_amx: bad x / w / out shapes");
   }
   const int64_t l = layer.typed_data()[0];
@@ -208,37 +361,15 @@ ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::Any
     }
   }
   p.x = tiles.data();
-
-  // Each worker takes a contiguous run of panels: one memory stream, prefetched ahead.
-  const int64_t num_items = p.nb / 2;
-  const int64_t num_workers =
-      std::max<int64_t>(1, std::min<int64_t>(thread_pool.num_threads(), num_items));
-  std::atomic<int64_t> next{0};
-  auto work = [&p, &next, num_items, num_workers]() {
-    const int64_t w = next.fetch_add(1);
-    const int64_t begin = num_items * w / num_workers, end = num_items * (w + 1) / num_workers;
-    configure_tiles();
+  parallel_panels(thread_pool, p.nb / 2, [&p](int64_t begin, int64_t end) {
+    configure_tiles();  // tile configuration is per thread
     panels(p, begin, end);
     _tile_release();
-  };
-  if (num_workers == 1) {
-    work();
-    return ffi::Error::Success();
-  }
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t pending = num_workers - 1;
-  for (int64_t i = 0; i < num_workers - 1; ++i) {
-    thread_pool.Schedule([&work, &mu, &cv, &pending]() {
-      work();
-      std::lock_guard<std::mutex> lock(mu);
-      if (--pending == 0) cv.notify_one();
-    });
-  }
-  work();
-  std::unique_lock<std::mutex> lock(mu);
-  cv.wait(lock, [&pending] { return pending == 0; });
+  });
   return ffi::Error::Success();
+#else
+  return ffi::Error::Internal("linear_amx: built for a CPU without AMX-BF16");
+#endif
 }
 
 }  // namespace
@@ -250,3 +381,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearAmx, LinearAmxImpl,
                                   .Arg<ffi::AnyBuffer>()         // w [L, NB, KB, 16, 32] bf16
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer
                                   .Ret<ffi::AnyBuffer>());       // out [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearF32, LinearF32Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // w [L, NP, K, 32]
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // layer
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [M, N]

@@ -1,0 +1,119 @@
+"""The `cpu` linear backend: matmuls against pre-packed weights as C++ XLA FFI custom calls.
+
+Under `lax.scan`, XLA's CPU dots first copy each layer's weight slices out of the stacked
+arrays, and its dot library repacks (transposes) the weights on every call. These kernels read
+a weight packed once at load (`pack`), straight from the stacked [L, ...] array at a layer
+index (`linear_cpu.cc`):
+
+- float32: AVX-512 FMA, panels of 32 columns ([L, N/32, K, 32]); 14 x 32 register blocks.
+- bfloat16: Intel AMX tiles ([L, NB, KB, 16, 32], TDPBF16PS: bf16 products, f32 sums).
+
+`available(build_dir, dtype)` says whether this CPU has the instructions, the kernel built and
+a small product checked out; callers keep plain `x @ w` otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.cpu_build import cpu_flags, is_loaded, load_kernel
+
+_SOURCE = Path(__file__).with_name("linear_cpu.cc")
+_TARGETS = {"jpaged_linear_amx": "JpagedLinearAmx", "jpaged_linear_f32": "JpagedLinearF32"}
+_TILE_K, _TILE_N, _PANEL_N = 32, 16, 32
+DTYPES = ("float32", "bfloat16")
+_checked: dict[tuple[str, str], bool] = {}
+
+
+def cpu_supports(dtype: str) -> bool:
+    """Whether the CPU has the instructions the `dtype` kernel needs (AVX-512F; AMX-BF16)."""
+    flags = cpu_flags().split()
+    if dtype == "float32":
+        return "avx512f" in flags
+    return dtype == "bfloat16" and {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags)
+
+
+def pack(w: jax.Array) -> jax.Array:
+    """[..., K, N] f32 or bf16 weights -> the kernel's layout for that dtype (zero padded).
+
+    f32: [..., N/32, K, 32], panel j holding columns 32 j .. 32 j + 31.
+    bf16: [..., NB, KB, 16, 32] AMX B tiles; tile (nb, kb), row r, entry 2 j + i holds
+    w[32 kb + 2 r + i, 16 nb + j].
+    """
+    *lead, k, n = w.shape
+    nd = len(lead)
+    np_ = -(-n // _PANEL_N) * _PANEL_N
+    if w.dtype == jnp.float32:
+        w = jnp.pad(w, [(0, 0)] * nd + [(0, 0), (0, np_ - n)])
+        w = w.reshape(*lead, k, np_ // _PANEL_N, _PANEL_N)
+        return jnp.moveaxis(w, nd + 1, nd)
+    if w.dtype != jnp.bfloat16:
+        raise ValueError(f"pack takes float32 or bfloat16 weights, got {w.dtype}")
+    kp = -(-k // _TILE_K) * _TILE_K
+    w = jnp.pad(w, [(0, 0)] * nd + [(0, kp - k), (0, np_ - n)])
+    w = w.reshape(*lead, kp // _TILE_K, _TILE_K // 2, 2, np_ // _TILE_N, _TILE_N)
+    perm = [*range(nd), nd + 3, nd, nd + 1, nd + 4, nd + 2]
+    return w.transpose(perm).reshape(*lead, np_ // _TILE_N, kp // _TILE_K, 16, 32)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "out_dtype"))
+def linear_cpu(
+    x: jax.Array,
+    packed: jax.Array,
+    layer: jax.Array | int,
+    *,
+    n: int,
+    out_dtype: jnp.dtype | None = None,
+) -> jax.Array:
+    """x [..., K] @ layer `layer` of `packed` (see `pack`) -> [..., n].
+
+    out_dtype: x's dtype by default; a bf16 x may also give float32. Raises ValueError on
+    mismatched shapes or dtypes, RuntimeError if the kernel is not loaded (see `available`).
+    """
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    k = x.shape[-1]
+    if x.dtype != packed.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"x and packed must both be float32 or bfloat16, got {x.dtype}, "
+                         f"{packed.dtype}")  # fmt: skip
+    if x.dtype == jnp.float32:
+        target = "jpaged_linear_f32"
+        ok = packed.ndim == 4 and packed.shape[2:] == (k, _PANEL_N)
+        ok = ok and (packed.shape[1] - 1) * _PANEL_N < n <= packed.shape[1] * _PANEL_N
+        if out_dtype != jnp.float32:
+            raise ValueError(f"out_dtype of a float32 x must be float32, got {out_dtype}")
+    else:
+        target = "jpaged_linear_amx"
+        nb = packed.shape[1] if packed.ndim == 5 else 0
+        ok = packed.ndim == 5 and packed.shape[3:] == (16, 32)
+        ok = ok and -(-k // _TILE_K) == packed.shape[2] and (nb - 2) * _TILE_N < n <= nb * _TILE_N
+        if out_dtype not in (jnp.bfloat16, jnp.float32):
+            raise ValueError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
+    if not ok:
+        raise ValueError(f"x [..., {k}] -> n={n} does not match packed {packed.shape}")
+    if not is_loaded(_SOURCE):
+        raise RuntimeError("the cpu linear kernels are not loaded: call available(build_dir)")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], n), out_dtype))
+    return call(x2, packed, jnp.asarray(layer, jnp.int32).reshape(())).reshape(*lead, n)
+
+
+def available(build_dir: Path, dtype: str) -> bool:
+    """The `dtype` kernel can run here: instructions present, built, and a product checked."""
+    key = (str(build_dir), dtype)
+    if key not in _checked:
+        ok = cpu_supports(dtype) and load_kernel(_SOURCE, _TARGETS, build_dir)
+        if ok:
+            rng = np.random.default_rng(0)
+            x = jnp.asarray(rng.standard_normal((20, 70)), dtype)
+            w = jnp.asarray(rng.standard_normal((2, 70, 40)), dtype)
+            got = linear_cpu(x, pack(w), 1, n=40, out_dtype=jnp.float32)
+            want = np.asarray(x, np.float32) @ np.asarray(w[1], np.float32)
+            ok = bool(np.allclose(np.asarray(got), want, rtol=1e-3, atol=1e-3))
+        _checked[key] = ok
+    return _checked[key]

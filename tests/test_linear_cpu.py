@@ -1,0 +1,127 @@
+"""pallas_kernels/linear_cpu.py: the packed-weight matmul kernels (f32 on AVX-512, bf16 on AMX)
+against float32/float64 numpy, and the model with its linears on them against plain dots."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpaged.config import EngineConfig
+from jpaged.kv_pool import allocate_kv_pool
+from jpaged.model_runner import ModelRunner, StepSeq, step_shape
+from jpaged.paths import kernels_cache_dir
+from models.config import tiny_llama_config
+from models.llama import llama_forward, llama_from_hf_tensors
+from pallas_kernels import linear_cpu
+from tests.util import random_llama_tensors
+
+OK = {dtype: linear_cpu.available(kernels_cache_dir(), dtype) for dtype in linear_cpu.DTYPES}
+needs = {
+    dtype: pytest.mark.skipif(not ok, reason=f"no {dtype} cpu linear kernel on this machine")
+    for dtype, ok in OK.items()
+}
+DTYPES = [pytest.param(d, marks=needs[d]) for d in linear_cpu.DTYPES]
+SHAPES = [(1, 576, 960), (15, 64, 32), (16, 576, 576), (17, 70, 40), (33, 1536, 576),
+          (300, 100, 96)]  # fmt: skip
+
+
+def rand(rng: np.random.Generator, shape: tuple[int, ...], dtype: str, scale: float = 1.0):
+    return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
+
+
+def test_pack_puts_each_weight_in_its_slot():
+    rng = np.random.default_rng(0)
+    w = rand(rng, (2, 70, 40), "bfloat16")
+    tiles = np.asarray(linear_cpu.pack(w), np.float32)  # [2, NB=4, KB=3, 16, 32]
+    panels = np.asarray(linear_cpu.pack(w.astype(jnp.float32)))  # [2, NP=2, K=70, 32]
+    assert tiles.shape == (2, 4, 3, 16, 32) and panels.shape == (2, 2, 70, 32)
+    w32 = np.asarray(w, np.float32)
+    for layer, k, n in [(0, 0, 0), (1, 69, 39), (1, 33, 17), (0, 64, 31)]:
+        assert (
+            tiles[layer, n // 16, k // 32, (k % 32) // 2, 2 * (n % 16) + k % 2] == w32[layer, k, n]
+        )
+        assert panels[layer, n // 32, k, n % 32] == w32[layer, k, n]
+    # padding is zero: n >= 40 (tile column 16 on in nb 2, all of nb 3), k >= 70 (row 3 on in kb 2)
+    assert not tiles[:, 3].any() and not tiles[:, 2, :, :, 16:].any()
+    assert not tiles[:, :, 2, 3:].any()
+    assert not panels[:, 1, :, 8:].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_matches_numpy(dtype, m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    x = rand(rng, (m, k), dtype)
+    w = rand(rng, (3, k, n), dtype, 0.05)
+    packed = linear_cpu.pack(w)
+    want = np.asarray(x, np.float64) @ np.asarray(w[2], np.float64)
+    got = np.asarray(linear_cpu.linear_cpu(x, packed, 2, n=n, out_dtype=jnp.float32))
+    # bf16 products are exact in f32: both differ from float64 only by f32 summation
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * np.abs(want).max())
+    default = linear_cpu.linear_cpu(x, packed, 2, n=n)
+    assert default.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(default), np.asarray(jnp.asarray(got, dtype)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_leading_dims_and_errors(dtype):
+    rng = np.random.default_rng(1)
+    x = rand(rng, (2, 3, 64), dtype)
+    packed = linear_cpu.pack(rand(rng, (1, 64, 32), dtype))
+    got = linear_cpu.linear_cpu(x, packed, 0, n=32)
+    assert got.shape == (2, 3, 32)
+    other = "float32" if dtype == "bfloat16" else "bfloat16"
+    with pytest.raises(ValueError, match="both be float32 or bfloat16"):
+        linear_cpu.linear_cpu(x.astype(other), packed, 0, n=32)
+    with pytest.raises(ValueError, match="does not match"):
+        linear_cpu.linear_cpu(x, packed, 0, n=64)
+    with pytest.raises(ValueError, match="does not match"):
+        linear_cpu.linear_cpu(rand(rng, (4, 96), dtype), packed, 0, n=32)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        linear_cpu.pack(jnp.zeros((4, 4), jnp.float16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_on_packed_linears_matches_plain_dots(dtype):
+    config = tiny_llama_config(vocab_size=512, hidden_size=64, intermediate_size=128,
+                               head_dim=16, num_attention_heads=8, num_key_value_heads=2,
+                               num_hidden_layers=3, eos_token_id=2)  # fmt: skip
+    model = llama_from_hf_tensors(config, random_llama_tensors(config, 3).items(), dtype)
+    rng = np.random.default_rng(2)
+    pool = allocate_kv_pool(config, 32, 8, dtype)
+    runners = {
+        lb: ModelRunner(model, pool, block_size=8, max_model_len=128, linear_backend=lb)
+        for lb in ("xla", "cpu")
+    }
+    assert "packed" in runners["cpu"].params and "wq" not in runners["cpu"].params["layers"]
+    # a 40-token prefill chunk next to two short ones: M = 53 rows through every linear
+    seqs = [StepSeq(rng.integers(3, 500, n).tolist(), 0, list(range(1 + 6 * i, 7 + 6 * i)))
+            for i, n in enumerate((40, 5, 8))]  # fmt: skip
+    batch = runners["xla"].build_batch(seqs, [0, 1, 2], step_shape(seqs, 3))
+    logits = {
+        lb: np.asarray(llama_forward(config, r.params, pool, batch, "xla")[0])
+        for lb, r in runners.items()
+    }
+    scale = np.abs(logits["xla"]).max()
+    tol = 1e-5 if dtype == "float32" else 0.03  # bf16: roundings of the layer outputs differ
+    np.testing.assert_allclose(logits["cpu"], logits["xla"], atol=tol * scale)
+    assert (logits["cpu"].argmax(-1) == logits["xla"].argmax(-1)).all()
+
+
+def test_config_resolves_linear_backend():
+    for dtype, ok in OK.items():
+        assert EngineConfig().resolved_linear_backend(dtype) == ("cpu" if ok else "xla")
+    assert EngineConfig().resolved_linear_backend("float16") == "xla"
+    assert EngineConfig(linear_backend="xla").resolved_linear_backend("float32") == "xla"
+    assert EngineConfig().resolved_linear_backend("float32", float_linears=False) == "xla"
+    with pytest.raises(ValueError, match="linear_backend cpu needs float32 or bfloat16"):
+        EngineConfig(linear_backend="cpu").resolved_linear_backend("float16")
+    with pytest.raises(ValueError, match="mesh"):
+        EngineConfig(linear_backend="cpu", tensor_parallel_size=2).resolved_linear_backend(
+            "float32"
+        )
+    with pytest.raises(ValueError, match="quantized"):
+        EngineConfig(linear_backend="cpu", quantization="int8").resolved_linear_backend("float32")
+    with pytest.raises(ValueError, match="linear_backend"):
+        EngineConfig(linear_backend="onednn")
