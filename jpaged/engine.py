@@ -15,7 +15,13 @@ import jax.numpy as jnp
 from jpaged.beam_search import BeamSearcher, BeamSearchParams
 from jpaged.config import EngineConfig
 from jpaged.detokenizer import IncrementalDetokenizer
-from jpaged.engine_setup import enable_compile_cache, load_engine_model, pool_num_blocks, tp_mesh
+from jpaged.engine_setup import (
+    enable_compile_cache,
+    load_engine_model,
+    pool_num_blocks,
+    prebuild_cpu_kernels,
+    tp_mesh,
+)
 from jpaged.kv_pool import (
     allocate_kv_pool,
     kv_bytes_per_block,
@@ -79,6 +85,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.config = config
         tune_malloc()
+        prebuild_cpu_kernels(config)
         if config.enable_compile_cache:
             enable_compile_cache()
         self.mesh = mesh if mesh is not None else tp_mesh(config)

@@ -25,6 +25,22 @@ def enable_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def prebuild_cpu_kernels(config: EngineConfig) -> None:
+    """On CPU, start compiling the C++ kernels the config may use, so that a cold start
+    builds them while the model loads (the backends are resolved, and wait, later)."""
+    if jax.default_backend() != "cpu":
+        return
+    from jpaged.paths import kernels_cache_dir
+    from pallas_kernels import cpu_build, linear_cpu, paged_attention_cpu
+
+    sources = []
+    if config.attention_backend in ("auto", "cpu"):
+        sources.append(paged_attention_cpu.SOURCE)
+    if config.linear_backend in ("auto", "cpu") and config.quantization is None:
+        sources.append(linear_cpu.SOURCE)
+    cpu_build.build_in_background(sources, kernels_cache_dir())
+
+
 def tp_mesh(config: EngineConfig) -> jax.sharding.Mesh | None:
     """The (1, tp) mesh `config` asks for, None for a single device."""
     from jpaged.mesh import build_mesh

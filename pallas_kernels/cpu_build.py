@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
+_building: dict[str, threading.Thread] = {}
 
 
 def cpu_flags() -> str:
@@ -66,16 +67,44 @@ def _build(compiler: str, source: Path, build_dir: Path) -> Path:
     return out
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def build_in_background(sources: list[Path], build_dir: Path) -> None:
+    """Start compiling `sources` in threads (the compiler runs outside the GIL), so a cold
+    start overlaps the builds with loading the model; `load_kernel` waits for them."""
+    compiler = _compiler()
+    if compiler is None:
+        return
+
+    def build(source: Path) -> None:
+        try:
+            _build(compiler, source, Path(build_dir))
+        except (OSError, subprocess.CalledProcessError):
+            pass  # load_kernel builds again and reports the error
+
+    with _lock:
+        for source in sources:
+            if str(source) not in _loaded and str(source) not in _building:
+                thread = threading.Thread(target=build, args=(source,), daemon=True)
+                _building[str(source)] = thread
+                thread.start()
+
+
 def load_kernel(source: Path, targets: dict[str, str], build_dir: Path) -> bool:
     """Build `source` (once per machine) and register its handlers with XLA.
 
     targets: FFI target name -> exported handler symbol. Returns False (and logs why) where
     no C++ compiler or no working build exists; the answer is remembered per source.
     """
+    building = _building.get(str(source))
+    if building is not None:
+        building.join()
     with _lock:
         if str(source) in _loaded:
             return _loaded[str(source)] is not None
-        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+        compiler = _compiler()
         lib = None
         try:
             if compiler is None:

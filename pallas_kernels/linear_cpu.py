@@ -23,7 +23,7 @@ import numpy as np
 
 from pallas_kernels.cpu_build import cpu_flags, is_loaded, load_kernel
 
-_SOURCE = Path(__file__).with_name("linear_cpu.cc")
+SOURCE = Path(__file__).with_name("linear_cpu.cc")
 _TARGETS = {"jpaged_linear_amx": "JpagedLinearAmx", "jpaged_linear_f32": "JpagedLinearF32"}
 _TILE_K, _TILE_N, _PANEL_N = 32, 16, 32
 DTYPES = ("float32", "bfloat16")
@@ -95,7 +95,7 @@ def linear_cpu(
             raise ValueError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
     if not ok:
         raise ValueError(f"x [..., {k}] -> n={n} does not match packed {packed.shape}")
-    if not is_loaded(_SOURCE):
+    if not is_loaded(SOURCE):
         raise RuntimeError("the cpu linear kernels are not loaded: call available(build_dir)")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -107,7 +107,7 @@ def available(build_dir: Path, dtype: str) -> bool:
     """The `dtype` kernel can run here: instructions present, built, and a product checked."""
     key = (str(build_dir), dtype)
     if key not in _checked:
-        ok = cpu_supports(dtype) and load_kernel(_SOURCE, _TARGETS, build_dir)
+        ok = cpu_supports(dtype) and load_kernel(SOURCE, _TARGETS, build_dir)
         if ok:
             rng = np.random.default_rng(0)
             x = jnp.asarray(rng.standard_normal((20, 70)), dtype)

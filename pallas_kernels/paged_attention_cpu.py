@@ -24,7 +24,7 @@ import numpy as np
 from pallas_kernels.cpu_build import is_loaded, load_kernel
 from pallas_kernels.paged_attention_xla import check_attention_args
 
-_SOURCE = Path(__file__).with_name("paged_attention_cpu.cc")
+SOURCE = Path(__file__).with_name("paged_attention_cpu.cc")
 _TARGET = "jpaged_paged_attention_cpu"
 _QUERY_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 KV_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn, jnp.float8_e5m2)
@@ -35,7 +35,7 @@ def load(build_dir: Path) -> bool:
 
     Returns False (and logs why) where no C++ compiler or no working build exists.
     """
-    return load_kernel(_SOURCE, {_TARGET: "JpagedPagedAttention"}, build_dir)
+    return load_kernel(SOURCE, {_TARGET: "JpagedPagedAttention"}, build_dir)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "pages_per_tile"))
@@ -67,7 +67,7 @@ def paged_attention_cpu(
         raise ValueError(f"kv_pool dtype {kv_pool.dtype} is not supported by the cpu kernel")
     if q.shape[3] > 256:
         raise ValueError(f"head_dim must be <= 256, got {q.shape[3]}")
-    if not is_loaded(_SOURCE):
+    if not is_loaded(SOURCE):
         raise RuntimeError("the cpu attention kernel is not loaded: call load(build_dir) first")
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
     return call(
