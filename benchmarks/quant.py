@@ -61,7 +61,7 @@ def weight_bytes(llm) -> dict:
 
     from models.quant import linear_weight_bytes
 
-    stored, as_f32 = linear_weight_bytes(llm.engine.runner.params["layers"])
+    stored, as_f32 = linear_weight_bytes(llm.engine.runner.params)
     total = sum(x.nbytes for x in jax.tree.leaves(llm.engine.runner.params))
     return {"linear_bytes": stored, "linear_bytes_over_f32": round(stored / as_f32, 4),
             "all_weight_bytes": total}  # fmt: skip

@@ -21,7 +21,7 @@ from models.config import LlamaConfig
 from models.quant import LINEAR_NAMES, linear
 from models.quant_load import QuantizedTensors, QuantSpec, int8_layers
 from pallas_kernels import attention_functions
-from pallas_kernels.linear_cpu import linear_cpu, pack
+from pallas_kernels.linear_cpu import linear_cpu, pack, packed_rows
 
 
 @jax.tree_util.register_dataclass
@@ -150,7 +150,8 @@ def pack_linear_params(c: LlamaConfig, params: dict) -> dict:
     `cpu` linear kernels (pallas_kernels.linear_cpu.pack).
 
     The packed arrays go under params["packed"] (see PACKED_GROUPS; "head" has L = 1); the
-    layers keep only their norms and biases.
+    layers keep only their norms and biases. A tied embedding is then looked up in the packed
+    head, so params drop "embed" (no second copy of it).
     """
     layers = dict(params["layers"])
     packed = {
@@ -159,7 +160,11 @@ def pack_linear_params(c: LlamaConfig, params: dict) -> dict:
     }
     head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
     packed["head"] = pack(head[None])
-    return {**params, "layers": layers, "packed": packed}
+    params = {**params, "layers": layers, "packed": packed}
+    if c.tie_word_embeddings:
+        del params["embed"]
+    params.pop("lm_head", None)
+    return params
 
 
 def decoder_layer(
@@ -240,9 +245,12 @@ def llama_forward(
     weight byte written and read once more per step), which per-layer arrays avoid.
     """
     rope = rope_tables(batch.positions, params["inv_freq"])
-    x = params["embed"][batch.token_ids]  # [t, d]
-    layers = params["layers"]
     packed = params.get("packed")  # closed over, not scanned: the kernel indexes the layer
+    if "embed" in params:
+        x = params["embed"][batch.token_ids]  # [t, d]
+    else:  # tied, packed: the embedding rows are the head's columns
+        x = packed_rows(packed["head"], batch.token_ids, c.hidden_size)
+    layers = params["layers"]
     if isinstance(layers, dict):
 
         def body(carry: tuple[jax.Array, jax.Array], xs: tuple) -> tuple:

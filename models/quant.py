@@ -168,8 +168,13 @@ def linear_weight_bytes(
 ) -> tuple[int, int]:
     """(bytes the linears take as stored, bytes they would take in f32).
 
-    layers: stacked [L, ...] layer weights, or a list of per-layer dicts (unrolled layers).
+    layers: stacked [L, ...] layer weights, a list of per-layer dicts (unrolled layers), or
+    a runner's whole params (its layers plus any linears packed for the cpu kernels).
     """
+    if "layers" in layers:  # whole params
+        packed = [v for k, v in layers.get("packed", {}).items() if k != "head"]
+        stored, as_f32 = linear_weight_bytes(layers["layers"])
+        return stored + sum(v.nbytes for v in packed), as_f32 + sum(v.size * 4 for v in packed)
     if isinstance(layers, list):
         sizes = [linear_weight_bytes(w) for w in layers]
         return sum(a for a, _ in sizes), sum(b for _, b in sizes)

@@ -61,6 +61,17 @@ def pack(w: jax.Array) -> jax.Array:
     return w.transpose(perm).reshape(*lead, np_ // _TILE_N, kp // _TILE_K, 16, 32)
 
 
+def packed_rows(packed: jax.Array, rows: jax.Array, k: int) -> jax.Array:
+    """Columns `rows` of the unpacked [K, N] weight, as rows [..., k]: w.T[rows] (packed: the
+    one-layer [1, ...] array of `pack`). Lets a tied embedding be looked up in its packed head."""
+    if packed.ndim == 4:  # f32 panels [1, NP, K, 32]
+        return packed[0][rows // _PANEL_N, :, rows % _PANEL_N]
+    nb, kb = packed.shape[1:3]
+    tiles = packed[0].reshape(nb, kb, 16, _TILE_N, 2)
+    cols = tiles[rows // _TILE_N, :, :, rows % _TILE_N, :]  # [..., KB, 16, 2]
+    return cols.reshape(*rows.shape, kb * _TILE_K)[..., :k]
+
+
 @functools.partial(jax.jit, static_argnames=("n", "out_dtype"))
 def linear_cpu(
     x: jax.Array,

@@ -234,9 +234,27 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
         p.pool + ((((p.layer * p.num_blocks + block) * 2 + 0) * bs) * p.num_kv_heads + kv_head) *
                      D * p.kv_item;
     const char* v_base = k_base + static_cast<size_t>(bs) * token_stride;
-    for (int64_t t = 0; t < n; ++t) {
-      load_row(k_base + t * token_stride, p.kv_dtype, static_cast<int>(D), kf + t * D);
-      load_row(v_base + t * token_stride, p.kv_dtype, static_cast<int>(D), vf + t * D);
+    if (page + 1 < num_pages && page + 1 < p.width) {  // pages are scattered: fetch ahead
+      const char* next = p.pool + ((((p.layer * p.num_blocks + table[page + 1]) * 2 + 0) * bs) *
+                                       p.num_kv_heads + kv_head) * D * p.kv_item;
+      const size_t row_bytes = static_cast<size_t>(D) * p.kv_item;
+      for (int64_t t = 0; t < bs; ++t) {
+        for (size_t b = 0; b < row_bytes; b += 64) {
+          __builtin_prefetch(next + t * token_stride + b);
+          __builtin_prefetch(next + (bs + t) * token_stride + b);
+        }
+      }
+    }
+    // f32 pools are read in place; other dtypes are converted into kf / vf first
+    const bool direct = p.kv_dtype == ffi::DataType::F32;
+    const int64_t row_stride = direct ? static_cast<int64_t>(token_stride / sizeof(float)) : D;
+    const float* k_rows = direct ? reinterpret_cast<const float*>(k_base) : kf;
+    const float* v_rows = direct ? reinterpret_cast<const float*>(v_base) : vf;
+    if (!direct) {
+      for (int64_t t = 0; t < n; ++t) {
+        load_row(k_base + t * token_stride, p.kv_dtype, static_cast<int>(D), kf + t * D);
+        load_row(v_base + t * token_stride, p.kv_dtype, static_cast<int>(D), vf + t * D);
+      }
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t visible = std::min<int64_t>(n, static_cast<int64_t>(last_key[r]) - first + 1);
@@ -244,7 +262,7 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
       float* s = scores + r * bs;
       float page_max = kMaskValue;
       for (int64_t t = 0; t < visible; ++t) {
-        s[t] = dot(qf + r * D, kf + t * D, static_cast<int>(D));
+        s[t] = dot(qf + r * D, k_rows + t * row_stride, static_cast<int>(D));
         page_max = std::max(page_max, s[t]);
       }
       const float new_max = std::max(row_max[r], page_max);
@@ -255,7 +273,7 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
       for (int64_t t = 0; t < visible; ++t) {
         const float w = std::exp(s[t] - new_max);
         sum += w;
-        const float* v = vf + t * D;
+        const float* v = v_rows + t * row_stride;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) a[d] += w * v[d];
       }

@@ -46,6 +46,11 @@ def test_pack_puts_each_weight_in_its_slot():
     assert not tiles[:, 3].any() and not tiles[:, 2, :, :, 16:].any()
     assert not tiles[:, :, 2, 3:].any()
     assert not panels[:, 1, :, 8:].any()
+    # a tied embedding's lookup from the packed head: rows of w.T
+    ids = jnp.asarray([[0, 39], [17, 5]])
+    for packed in (linear_cpu.pack(w[1:]), linear_cpu.pack(w[1:].astype(jnp.float32))):
+        got = np.asarray(linear_cpu.packed_rows(packed, ids, 70), np.float32)
+        np.testing.assert_array_equal(got, w32[1].T[np.asarray(ids)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -31,7 +31,7 @@ GROUP = 64  # what jpaged.quantize picks for SmolLM2 (576 is not a multiple of 1
 
 def _evaluate(llm) -> dict:
     """Weight bytes, then one generate call: the perplexity request and W's first 8 (4 tokens)."""
-    stored, as_f32 = linear_weight_bytes(llm.engine.runner.params["layers"])
+    stored, as_f32 = linear_weight_bytes(llm.engine.runner.params)
     text_ids = llm.get_tokenizer().encode(TEXT.read_text())
     prompts, _ = workload_w()
     params = [SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)]
