@@ -1,6 +1,6 @@
 """Build and register the C++ XLA FFI kernels of the CPU backends.
 
-Each kernel is one C++ source compiled on first use with the system compiler (`$CXX`, else
+Each kernel is one C++ source (plus the shared `cpu_kernels.h`) compiled on first use with the system compiler (`$CXX`, else
 `g++`, `-O3 -march=native`) into `build_dir`, keyed by the source, flags, compiler, jaxlib and
 CPU, so later processes only load it. A failed build is logged and reported as False, so the
 callers can fall back to plain XLA.
@@ -46,11 +46,13 @@ def _build(compiler: str, source: Path, build_dir: Path) -> Path:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout.splitlines()[0]
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # cpu_kernels.h
     key = hashlib.sha256(
         "\0".join(
-            [source.read_text(), " ".join(FLAGS), version, jaxlib.__version__, cpu_flags()]
+            [source.read_text(), *headers, " ".join(FLAGS), version, jaxlib.__version__,
+             cpu_flags()]
         ).encode()
-    ).hexdigest()[:16]
+    ).hexdigest()[:16]  # fmt: skip
     out = build_dir / f"{source.stem}-{key}.so"
     if out.exists():
         return out

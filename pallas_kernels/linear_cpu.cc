@@ -28,6 +28,7 @@
 #include <mutex>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -36,39 +37,13 @@ namespace {
 
 constexpr int64_t kGroupRows = 256;  // rows of x per L2-resident group (see panels)
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define JPAGED_HAVE_AMX 1
+#if defined(JPAGED_HAVE_AMX)
 constexpr int64_t kTileRows = 16;   // rows of x per A tile
 constexpr int64_t kTileK = 32;      // bf16 values of K per tile row
 constexpr int64_t kTileN = 16;      // columns per B tile
 constexpr int64_t kTileElems = 512; // bf16 values in one packed B tile
-constexpr int kArchReqXcompPerm = 0x1023;
-constexpr int kXfeatureXtiledata = 18;
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-bool amx_permitted() {
-  // Linux hands out the 8 KB tile state only on request, once per process.
-  static const bool ok = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  return ok;
-}
-
-void configure_tiles() {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = kTileRows;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
+using jpaged::amx_permitted;
+using jpaged::configure_tiles;
 
 inline uint16_t to_bf16(float f) {
   uint32_t u;
@@ -264,30 +239,10 @@ void panels_f32(const ProblemF32& p, int64_t begin, int64_t end) {
 // run of panels (one memory stream, prefetched ahead).
 template <typename Fn>
 void parallel_panels(ffi::ThreadPool& thread_pool, int64_t num_items, Fn fn) {
-  const int64_t num_workers =
-      std::max<int64_t>(1, std::min<int64_t>(thread_pool.num_threads(), num_items));
-  std::atomic<int64_t> next{0};
-  auto work = [&]() {
-    const int64_t w = next.fetch_add(1);
-    fn(num_items * w / num_workers, num_items * (w + 1) / num_workers);
-  };
-  if (num_workers == 1) {
-    work();
-    return;
-  }
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t pending = num_workers - 1;
-  for (int64_t i = 0; i < num_workers - 1; ++i) {
-    thread_pool.Schedule([&work, &mu, &cv, &pending]() {
-      work();
-      std::lock_guard<std::mutex> lock(mu);
-      if (--pending == 0) cv.notify_one();
-    });
-  }
-  work();
-  std::unique_lock<std::mutex> lock(mu);
-  cv.wait(lock, [&pending] { return pending == 0; });
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(thread_pool.num_threads(), num_items));
+  jpaged::run_workers(thread_pool, workers, [&](int64_t w) {
+    fn(num_items * w / workers, num_items * (w + 1) / workers);
+  });
 }
 
 ffi::Error LinearF32Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x,

@@ -29,6 +29,7 @@
 #include <mutex>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -294,7 +295,7 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
   }
 }
 
-#if defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(JPAGED_HAVE_AMX)
 // ---- bf16 queries over a bf16 pool on AMX tiles ----------------------------------------
 //
 // Per (tile, kv head) item, the G * Q query rows go in blocks of 16 and the context in blocks
@@ -304,30 +305,8 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
 constexpr bool kHaveAmx = true;
 constexpr int64_t kKeys = 32;  // keys per block
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-bool amx_permitted() {  // Linux grants the tile state on request, once per process
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                                 18 /* XFEATURE_XTILEDATA */) == 0;
-  return ok;
-}
-
-void configure_tiles() {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
+using jpaged::amx_permitted;
+using jpaged::configure_tiles;
 
 void release_tiles() { _tile_release(); }
 
@@ -577,7 +556,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer q,
   const bool amx = kHaveAmx && p.q_dtype == ffi::DataType::BF16 &&
                    p.kv_dtype == ffi::DataType::BF16 && p.head_dim % 32 == 0 && amx_permitted();
   std::atomic<int64_t> next{0};
-  auto work = [&p, &next, num_items, amx]() {
+  jpaged::run_workers(thread_pool, num_items, [&p, &next, num_items, amx](int64_t) {
     std::vector<float> scratch;
     std::unique_ptr<AmxScratch> tiles;
     if (amx) {
@@ -592,26 +571,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer q,
       }
     }
     if (amx) release_tiles();
-  };
-  const int64_t num_workers =
-      std::max<int64_t>(1, std::min<int64_t>(thread_pool.num_threads(), num_items));
-  if (num_workers == 1) {
-    work();
-    return ffi::Error::Success();
-  }
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t pending = num_workers - 1;
-  for (int64_t w = 0; w < num_workers - 1; ++w) {
-    thread_pool.Schedule([&work, &mu, &cv, &pending]() {
-      work();
-      std::lock_guard<std::mutex> lock(mu);
-      if (--pending == 0) cv.notify_one();
-    });
-  }
-  work();  // the calling thread takes items too
-  std::unique_lock<std::mutex> lock(mu);
-  cv.wait(lock, [&pending] { return pending == 0; });
+  });
   return ffi::Error::Success();
 }
 

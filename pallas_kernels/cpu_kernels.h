@@ -1,0 +1,69 @@
+// Shared by the C++ CPU kernels (paged_attention_cpu.cc, linear_cpu.cc): running work on XLA's
+// intra-op thread pool, and Intel AMX set-up. Compiled into each kernel (header only).
+#pragma once
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jpaged {
+
+// Runs work(w) for w in [0, num_workers) with num_workers = min(pool threads, max_workers),
+// the calling thread taking w = 0, and returns when all have finished.
+template <typename Work>
+void run_workers(xla::ffi::ThreadPool& thread_pool, int64_t max_workers, Work work) {
+  const int64_t num_workers =
+      std::max<int64_t>(1, std::min<int64_t>(thread_pool.num_threads(), max_workers));
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t pending = num_workers - 1;
+  for (int64_t w = 1; w < num_workers; ++w) {
+    thread_pool.Schedule([&work, &mu, &cv, &pending, w]() {
+      work(w);
+      std::lock_guard<std::mutex> lock(mu);
+      if (--pending == 0) cv.notify_one();
+    });
+  }
+  work(0);
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&pending] { return pending == 0; });
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define JPAGED_HAVE_AMX 1
+
+// Linux grants the 8 KB tile state only on request, once per process.
+inline bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+// Palette 1 with all 8 tiles at 16 rows x 64 bytes; the configuration is per thread.
+inline void configure_tiles() {
+  struct alignas(64) {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+#endif
+
+}  // namespace jpaged
