@@ -4,11 +4,12 @@ On CPU, decode is bound by reading K/V, and XLA's gathers copy pages at ~6 GB/s 
 temporary before any dot sees them. `paged_attention_cpu.cc` instead walks each sequence's
 block table and reads every page once, straight from the pool, converting rows to f32 in
 registers (f32, bf16, f16, fp8 e4m3fn / e5m2 pools), with an online softmax; work items
-(query tile, kv head) are shared over XLA's intra-op thread pool.
+(query tile, kv head) are shared over XLA's intra-op thread pool. With bf16 queries over a
+bf16 pool (head_dim a multiple of 32) on a CPU with AMX-BF16, items run on AMX tiles.
 
-The shared library is compiled on first use with the system C++ compiler
-(`$CXX`, else `g++`, `-O3 -march=native`) into `$JPAGED_CACHE_DIR/kernels/`, keyed by the
-source, flags, compiler, jaxlib and CPU, so later processes only load it. `load()`
+The shared library is compiled on first use (pallas_kernels.cpu_build: `$CXX`, else `g++`,
+`-O3 -march=native`) into `$JPAGED_CACHE_DIR/kernels/`, keyed by the source, flags,
+compiler, jaxlib and CPU, so later processes only load it. `load()`
 says whether that worked; the engine falls back to the `xla` backend when it did not.
 """
 
