@@ -400,14 +400,21 @@ void attend_item_amx(const Problem& p, int64_t tile, int64_t kv_head, AmxScratch
     prefetch_block(0);
     for (int64_t k0 = 0; k0 < kv_end; k0 += kKeys) {
       prefetch_block(k0 + kKeys);
-      // stage K rows and V key pairs (zeros past the context: pool slots there may be garbage)
+      // K: a group of 16 keys inside the context and inside one page is a tile straight from
+      // the pool (rows token_stride apart); others are staged with zeros past the context.
+      // V key pairs are always staged, interleaved (pool slots past the context may be garbage).
+      const uint16_t* direct[2] = {nullptr, nullptr};
+      for (int h = 0; h < 2; ++h) {
+        const int64_t g0 = k0 + 16 * h;
+        if (bs % 16 == 0 && g0 + 15 < kv_end) direct[h] = k_row(g0);
+      }
       for (int64_t j = 0; j < kKeys; j += 2) {
         const uint16_t* rows2[2] = {nullptr, nullptr};
         for (int i = 0; i < 2; ++i) {
           const int64_t key = k0 + j + i;
           if (key < kv_end) {
             const uint16_t* base = k_row(key);
-            std::memcpy(w.k[j + i], base, D * 2);
+            if (direct[(j + i) / 16] == nullptr) std::memcpy(w.k[j + i], base, D * 2);
             rows2[i] = base + bs * token_stride;  // the V row of the same slot
           } else {
             std::memset(w.k[j + i], 0, D * 2);
@@ -425,8 +432,16 @@ void attend_item_amx(const Problem& p, int64_t tile, int64_t kv_head, AmxScratch
       _tile_zero(1);
       for (int64_t c = 0; c < chunks; ++c) {
         _tile_loadd(4, w.qt[c], 64);
-        _tile_loadd(2, &w.k[0][32 * c], kMaxHeadDim * 2);
-        _tile_loadd(3, &w.k[16][32 * c], kMaxHeadDim * 2);
+        if (direct[0]) {
+          _tile_loadd(2, direct[0] + 32 * c, token_stride * 2);
+        } else {
+          _tile_loadd(2, &w.k[0][32 * c], kMaxHeadDim * 2);
+        }
+        if (direct[1]) {
+          _tile_loadd(3, direct[1] + 32 * c, token_stride * 2);
+        } else {
+          _tile_loadd(3, &w.k[16][32 * c], kMaxHeadDim * 2);
+        }
         _tile_dpbf16ps(0, 2, 4);
         _tile_dpbf16ps(1, 3, 4);
       }
