@@ -16,6 +16,14 @@
 
 namespace jpaged {
 
+// f32 -> bf16 bits, rounded to nearest even; NaN stays NaN.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
+}
+
 // Runs work(w) for w in [0, num_workers) with num_workers = min(pool threads, max_workers),
 // the calling thread taking w = 0, and returns when all have finished.
 template <typename Work>

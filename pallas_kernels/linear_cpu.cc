@@ -45,14 +45,6 @@ constexpr int64_t kTileElems = 512; // bf16 values in one packed B tile
 using jpaged::amx_permitted;
 using jpaged::configure_tiles;
 
-inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
 struct Problem {
   const uint16_t* x;  // [mp / 16, kb, 16, 32] bf16 A tiles, zero padded
   const uint16_t* w;  // this layer's [nb, kb, 16, 32]
@@ -73,7 +65,7 @@ void write_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int6
         __m512bh v = _mm512_cvtne2ps_pbh(_mm512_load_ps(src + kTileN), _mm512_load_ps(src));
         _mm512_storeu_si512(dst, reinterpret_cast<__m512i&>(v));
       } else {
-        for (int64_t j = 0; j < cols; ++j) dst[j] = to_bf16(src[j]);
+        for (int64_t j = 0; j < cols; ++j) dst[j] = jpaged::f32_to_bf16(src[j]);
       }
     }
   }

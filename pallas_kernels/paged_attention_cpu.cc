@@ -69,12 +69,7 @@ inline float f16_to_f32(uint16_t h) {
   return f;
 }
 
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
-}
+using jpaged::f32_to_bf16;
 
 uint16_t f32_to_f16(float f) {
   uint32_t bits;
@@ -338,6 +333,29 @@ struct AmxScratch {
   alignas(64) float o[16][kMaxHeadDim];
 };
 
+// Permutation indices, built once.
+struct AmxConstants {
+  __m512i lo_words, hi_words;  // vpermt2w: interleave words 0..15 (lo) / 16..31 (hi) of 2 rows
+  __m512i pair_words;          // vpermw: (word i, word 16 + i) pairs of one register
+  __m512i scatter_idx;         // u32 offsets of the 16 rows of a P tile column
+};
+
+const AmxConstants& amx_constants() {
+  static const AmxConstants k = [] {
+    alignas(64) uint16_t lo[32], hi[32], pairs[32];
+    alignas(64) int32_t rows[16];
+    for (int i = 0; i < 16; ++i) {
+      lo[2 * i] = i, lo[2 * i + 1] = 32 + i;
+      hi[2 * i] = 16 + i, hi[2 * i + 1] = 48 + i;
+      pairs[2 * i] = i, pairs[2 * i + 1] = 16 + i;
+      rows[i] = i * 16;
+    }
+    return AmxConstants{_mm512_load_si512(lo), _mm512_load_si512(hi), _mm512_load_si512(pairs),
+                        _mm512_load_si512(rows)};
+  }();
+  return k;
+}
+
 void attend_item_amx(const Problem& p, int64_t tile, int64_t kv_head, AmxScratch& w) {
   const int64_t D = p.head_dim, Q = p.q_len, G = p.num_heads / p.num_kv_heads;
   const int64_t rows = Q * G, bs = p.block_size, chunks = D / 32;
@@ -347,19 +365,9 @@ void attend_item_amx(const Problem& p, int64_t tile, int64_t kv_head, AmxScratch
   const uint16_t* pool = reinterpret_cast<const uint16_t*>(p.pool);
   const uint16_t* qsrc = reinterpret_cast<const uint16_t*>(p.q);
   uint16_t* out = reinterpret_cast<uint16_t*>(p.out);
-  // vpermt2w indices: interleave words 0..15 (lo) or 16..31 (hi) of two rows
-  alignas(64) uint16_t lo_idx[32], hi_idx[32];
-  for (int i = 0; i < 16; ++i) {
-    lo_idx[2 * i] = i, lo_idx[2 * i + 1] = 32 + i;
-    hi_idx[2 * i] = 16 + i, hi_idx[2 * i + 1] = 48 + i;
-  }
-  const __m512i lo_words = _mm512_load_si512(lo_idx), hi_words = _mm512_load_si512(hi_idx);
-  alignas(64) int32_t pair_idx[16];
-  for (int i = 0; i < 16; ++i) pair_idx[i] = i * 16;  // row stride of w.p in u32
-  const __m512i scatter_idx = _mm512_load_si512(pair_idx);
-  alignas(64) uint16_t interleave_idx[32];
-  for (int i = 0; i < 16; ++i) interleave_idx[2 * i] = i, interleave_idx[2 * i + 1] = 16 + i;
-  const __m512i pair_words = _mm512_load_si512(interleave_idx);
+  const AmxConstants& k = amx_constants();
+  const __m512i lo_words = k.lo_words, hi_words = k.hi_words;
+  const __m512i scatter_idx = k.scatter_idx, pair_words = k.pair_words;
 
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     const int64_t nr = std::min<int64_t>(16, rows - r0);
@@ -572,10 +580,10 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer q,
                    p.kv_dtype == ffi::DataType::BF16 && p.head_dim % 32 == 0 && amx_permitted();
   std::atomic<int64_t> next{0};
   jpaged::run_workers(thread_pool, num_items, [&p, &next, num_items, amx](int64_t) {
-    std::vector<float> scratch;
-    std::unique_ptr<AmxScratch> tiles;
+    thread_local std::vector<float> scratch;  // reused across calls by each pool thread
+    thread_local std::unique_ptr<AmxScratch> tiles;
     if (amx) {
-      tiles = std::make_unique<AmxScratch>();
+      if (!tiles) tiles = std::make_unique<AmxScratch>();
       configure_tiles();
     }
     for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) {
