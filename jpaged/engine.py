@@ -10,24 +10,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from jpaged.beam_search import BeamSearcher, BeamSearchParams
 from jpaged.config import EngineConfig
 from jpaged.detokenizer import IncrementalDetokenizer
 from jpaged.engine_setup import (
+    build_runner,
     enable_compile_cache,
     load_engine_model,
-    pool_num_blocks,
     prebuild_cpu_kernels,
     tp_mesh,
 )
-from jpaged.kv_pool import (
-    allocate_kv_pool,
-    kv_bytes_per_block,
-)
 from jpaged.malloc_tuning import tune_malloc
-from jpaged.model_runner import ModelRunner, StepSeq, all_step_shapes
+from jpaged.model_runner import StepSeq, all_step_shapes
 from jpaged.outputs import Logprob, RequestMetrics, RequestOutput
 from jpaged.request import RequestState, SampleTrack
 from jpaged.sampler import SamplingRow
@@ -35,13 +30,9 @@ from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Sequence as Seq
 from jpaged.sequence import next_seq_id
-from jpaged.sharded_model import (
-    kv_pool_sharding,
-)
 from jpaged.tokenizer import Tokenizer
 from models.config import LlamaConfig
 from models.llama import Llama
-from models.quant import LINEAR_NAMES
 
 logger = logging.getLogger("jpaged")
 
@@ -95,25 +86,7 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
-        attention_backend = config.resolved_backend()
-        layers = model.layers
-        linear_backend = config.resolved_linear_backend(
-            str(model.embed[...].dtype), all(n in layers for n in LINEAR_NAMES)
-        )
-        kv_dtype = jnp.dtype(config.jax_kv_dtype())
-        num_blocks = pool_num_blocks(config, model, self.mesh, kv_dtype, self.max_model_len)
-        pool_sharding = kv_pool_sharding(self.mesh, mc) if self.mesh is not None else None
-        kv_pool = allocate_kv_pool(mc, num_blocks, config.block_size, kv_dtype, pool_sharding)
-        self.runner = ModelRunner(
-            model,
-            kv_pool,
-            block_size=config.block_size,
-            max_model_len=self.max_model_len,
-            attention_backend=attention_backend,
-            unroll_layers=config.unroll_layers,
-            mesh=self.mesh,
-            linear_backend=linear_backend,
-        )
+        self.runner, num_blocks = build_runner(config, model, self.mesh, self.max_model_len)
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
             block_size=config.block_size,
@@ -133,10 +106,10 @@ class LLMEngine:
         self.stats = EngineStats(num_blocks=num_blocks, block_size=config.block_size)
         self.stats.load_time_s = time.perf_counter() - t0
         logger.info(
-            "KV pool: %d blocks of %d tokens (%d tokens, %.1f MiB, %s); attention %s; load %.2fs",
-            num_blocks, config.block_size, num_blocks * config.block_size,
-            num_blocks * kv_bytes_per_block(mc, config.block_size, kv_dtype) / 2**20, kv_dtype,
-            attention_backend, self.stats.load_time_s,
+            "KV pool: %d blocks of %d tokens (%.1f MiB, %s); attention %s, linears %s; load %.2fs",
+            num_blocks, config.block_size, self.runner.kv_pool.nbytes / 2**20,
+            self.runner.kv_pool.dtype, self.runner.attention_backend, self.runner.linear_backend,
+            self.stats.load_time_s,
         )  # fmt: skip
         self.warmup(config.warmup)
 

@@ -1,4 +1,5 @@
-"""What an LLMEngine is built from: the compile cache, the mesh, the model, the pool's size."""
+"""What an LLMEngine is built from: the compile cache, the mesh, the model, the pool, the
+backends and the model runner."""
 
 from __future__ import annotations
 
@@ -6,11 +7,24 @@ import jax
 import jax.numpy as jnp
 
 from jpaged.config import EngineConfig
-from jpaged.kv_pool import device_kv_budget, kv_bytes_per_block, num_blocks_for_budget
-from jpaged.sharded_model import bytes_per_device, kv_pool_shards, load_llama_from_dir, shard_llama
+from jpaged.kv_pool import (
+    allocate_kv_pool,
+    device_kv_budget,
+    kv_bytes_per_block,
+    num_blocks_for_budget,
+)
+from jpaged.model_runner import ModelRunner
+from jpaged.sharded_model import (
+    bytes_per_device,
+    kv_pool_sharding,
+    kv_pool_shards,
+    load_llama_from_dir,
+    shard_llama,
+)
 from jpaged.tokenizer import Tokenizer
 from jpaged.weights import iter_safetensors, load_model
 from models.llama import Llama, llama_from_hf_tensors
+from models.quant import LINEAR_NAMES
 from models.quant_load import resolve_quantization
 
 CPU_DEFAULT_KV_BYTES = 4 << 30  # like vLLM's CPU default KV space (4 GiB)
@@ -110,3 +124,30 @@ def pool_num_blocks(
         cap = (c.max_num_seqs * -(-max_model_len // c.block_size) + 1) * per_block
         budget = min(budget, cap)
     return num_blocks_for_budget(mc, c.block_size, kv_dtype, budget)
+
+
+def build_runner(
+    config: EngineConfig, model: Llama, mesh: jax.sharding.Mesh | None, max_model_len: int
+) -> tuple[ModelRunner, int]:
+    """Resolve the backends, size and allocate the KV pool, and build the model runner.
+
+    Returns (runner, number of KV blocks). ValueError when an asked-for backend cannot run.
+    """
+    attention_backend = config.resolved_backend()
+    float_linears = all(n in model.layers for n in LINEAR_NAMES)
+    linear_backend = config.resolved_linear_backend(str(model.embed[...].dtype), float_linears)
+    kv_dtype = jnp.dtype(config.jax_kv_dtype())
+    num_blocks = pool_num_blocks(config, model, mesh, kv_dtype, max_model_len)
+    sharding = kv_pool_sharding(mesh, model.config) if mesh is not None else None
+    kv_pool = allocate_kv_pool(model.config, num_blocks, config.block_size, kv_dtype, sharding)
+    runner = ModelRunner(
+        model,
+        kv_pool,
+        block_size=config.block_size,
+        max_model_len=max_model_len,
+        attention_backend=attention_backend,
+        unroll_layers=config.unroll_layers,
+        mesh=mesh,
+        linear_backend=linear_backend,
+    )
+    return runner, num_blocks

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.sampler import SamplingRow, build_sampling_tensors, compute_logprobs, sample
-from models.llama import Llama, ModelBatch, llama_forward, pack_linear_params, unstack_layers
+from models.llama import Llama, ModelBatch, llama_forward, unstack_layers
+from models.packed_linears import pack_linear_params
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ v = vocabulary, l = layer.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Iterable
 
@@ -21,7 +20,7 @@ from models.config import LlamaConfig
 from models.quant import LINEAR_NAMES, linear
 from models.quant_load import QuantizedTensors, QuantSpec, int8_layers
 from pallas_kernels import attention_functions
-from pallas_kernels.linear_cpu import linear_cpu, pack, packed_rows
+from pallas_kernels.linear_cpu import linear_cpu, packed_rows
 
 
 @jax.tree_util.register_dataclass
@@ -135,38 +134,6 @@ def layer_weight_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# The cpu linear backend's packed linears: name -> the layer weights it concatenates along N.
-PACKED_GROUPS = {
-    "qkv": ("wq", "wk", "wv"),
-    "o": ("wo",),
-    "gate_up": ("w_gate", "w_up"),
-    "down": ("w_down",),
-}
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def pack_linear_params(c: LlamaConfig, params: dict) -> dict:
-    """Stacked f32 / bf16 params -> the same with every linear (and the head) packed for the
-    `cpu` linear kernels (pallas_kernels.linear_cpu.pack).
-
-    The packed arrays go under params["packed"] (see PACKED_GROUPS; "head" has L = 1); the
-    layers keep only their norms and biases. A tied embedding is then looked up in the packed
-    head, so params drop "embed" (no second copy of it).
-    """
-    layers = dict(params["layers"])
-    packed = {
-        group: pack(jnp.concatenate([layers.pop(n) for n in names], axis=-1))
-        for group, names in PACKED_GROUPS.items()
-    }
-    head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
-    packed["head"] = pack(head[None])
-    params = {**params, "layers": layers, "packed": packed}
-    if c.tie_word_embeddings:
-        del params["embed"]
-    params.pop("lm_head", None)
-    return params
-
-
 def decoder_layer(
     c: LlamaConfig,
     w: dict[str, jax.Array],
@@ -180,7 +147,7 @@ def decoder_layer(
 ) -> tuple[jax.Array, jax.Array]:
     """One decoder layer. w: this layer's weights; x: [t, d]. Returns (x, kv_pool).
 
-    packed: all layers' packed linears (`pack_linear_params`), read at `layer_idx`; None: the
+    packed: all layers' packed linears (models.packed_linears), read at `layer_idx`; None: the
     linears are in `w`.
     """
     num_tokens = x.shape[0]

@@ -1,0 +1,43 @@
+"""The weights laid out for the `cpu` linear kernels (pallas_kernels.linear_cpu): each group
+of linears fused along N and packed once, for all layers, at load."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from models.config import LlamaConfig
+from pallas_kernels.linear_cpu import pack
+
+# The cpu linear backend's packed linears: name -> the layer weights it concatenates along N.
+PACKED_GROUPS = {
+    "qkv": ("wq", "wk", "wv"),
+    "o": ("wo",),
+    "gate_up": ("w_gate", "w_up"),
+    "down": ("w_down",),
+}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def pack_linear_params(c: LlamaConfig, params: dict) -> dict:
+    """Stacked f32 / bf16 params -> the same with every linear (and the head) packed for the
+    `cpu` linear kernels (pallas_kernels.linear_cpu.pack).
+
+    The packed arrays go under params["packed"] (see PACKED_GROUPS; "head" has L = 1); the
+    layers keep only their norms and biases. A tied embedding is then looked up in the packed
+    head, so params drop "embed" (no second copy of it).
+    """
+    layers = dict(params["layers"])
+    packed = {
+        group: pack(jnp.concatenate([layers.pop(n) for n in names], axis=-1))
+        for group, names in PACKED_GROUPS.items()
+    }
+    head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
+    packed["head"] = pack(head[None])
+    params = {**params, "layers": layers, "packed": packed}
+    if c.tie_word_embeddings:
+        del params["embed"]
+    params.pop("lm_head", None)
+    return params
