@@ -106,8 +106,10 @@ class LLMEngine:
         self.stats = EngineStats(num_blocks=num_blocks, block_size=config.block_size)
         self.stats.load_time_s = time.perf_counter() - t0
         logger.info(
-            "KV pool: %d blocks of %d tokens (%.1f MiB, %s); attention %s, linears %s; load %.2fs",
-            num_blocks, config.block_size, self.runner.kv_pool.nbytes / 2**20,
+            "KV pool: %d blocks of %d tokens (%d tokens, %.1f MiB, %s); attention %s, linears %s;"
+            " load %.2fs",
+            num_blocks, config.block_size, num_blocks * config.block_size,
+            self.runner.kv_pool.nbytes / 2**20,
             self.runner.kv_pool.dtype, self.runner.attention_backend, self.runner.linear_backend,
             self.stats.load_time_s,
         )  # fmt: skip
