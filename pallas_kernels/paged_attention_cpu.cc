@@ -27,6 +27,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -290,15 +291,68 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
   }
 }
 
+constexpr int64_t kKeys = 32;  // keys per block (AMX path)
+constexpr int64_t kAhead = 2;  // blocks prefetched ahead
+
+// Where the K / V rows of one (tile, kv head) item's keys are in a 16-bit pool.
+struct KvRows {
+  const uint16_t* base;  // this layer's pages, offset to the kv head
+  const int32_t* table;
+  int64_t bs, page_shift, token_stride, row_bytes, kv_end;  // page_shift = log2(bs), or -1
+
+  KvRows(const Problem& p, int64_t tile, int64_t kv_head, int64_t end)
+      : base(reinterpret_cast<const uint16_t*>(p.pool) +
+             p.layer * p.num_blocks * 2 * p.block_size * p.num_kv_heads * p.head_dim +
+             kv_head * p.head_dim),
+        table(p.block_tables + tile * p.width),
+        bs(p.block_size),
+        page_shift((p.block_size & (p.block_size - 1)) == 0 ? __builtin_ctzll(p.block_size) : -1),
+        token_stride(p.num_kv_heads * p.head_dim),
+        row_bytes(p.head_dim * 2),
+        kv_end(end) {}
+
+  // K row of `key`; its V row is bs * token_stride further on
+  const uint16_t* k(int64_t key) const {
+    const int64_t page = page_shift >= 0 ? key >> page_shift : key / bs;
+    const int64_t slot = page_shift >= 0 ? key & (bs - 1) : key % bs;
+    return base + (table[page] * 2 * bs + slot) * token_stride;
+  }
+
+  // Into L2, the K and V rows of keys [first, first + kKeys) (pages are scattered, so the
+  // hardware prefetchers do not see them coming).
+  void prefetch(int64_t first) const {
+    for (int64_t key = first; key < std::min(first + kKeys, kv_end); ++key) {
+      const char* kr = reinterpret_cast<const char*>(k(key));
+      const char* vr = kr + bs * token_stride * 2;
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        _mm_prefetch(kr + b, _MM_HINT_T1);
+        _mm_prefetch(vr + b, _MM_HINT_T1);
+      }
+    }
+  }
+};
+
+// The keys an item's queries can see: up to its last query position (and the context).
+int64_t item_kv_end(const Problem& p, int64_t tile) {
+  int64_t last = -1;
+  for (int64_t qi = 0; qi < p.q_len; ++qi) {
+    last = std::max<int64_t>(last, p.q_positions[tile * p.q_len + qi]);
+  }
+  const int64_t seq_len = p.seq_lens[tile];
+  return std::min<int64_t>({last + 1, seq_len, p.width * p.block_size});
+}
+
 #if defined(JPAGED_HAVE_AMX)
 // ---- bf16 queries over a bf16 pool on AMX tiles ----------------------------------------
 //
 // Per (tile, kv head) item, the G * Q query rows go in blocks of 16 and the context in blocks
-// of 32 keys. Scores are computed transposed, S^T [keys, rows] = K Q^T, so K rows load as A
-// tiles and the online softmax runs with one vector per key over 16 rows. P [rows, keys] goes
-// back to bf16 as an A tile and V, interleaved by key pairs, is the B tile of P V.
+// of 32 keys. Scores are computed transposed, S^T [keys, rows] = K Q^T, so 16 K rows load as
+// one A tile (straight from the page when they are all inside it and the context). Each query
+// row then gathers its 32 scores into two vectors for the online softmax, so a decode item
+// (G = 3 rows) costs 3 rows of vector work per block rather than 32 keys of it. P [rows, keys]
+// in bf16 is a plain A tile; V, interleaved by key pairs, is the B tile of P V, which
+// accumulates into O through the tiles.
 constexpr bool kHaveAmx = true;
-constexpr int64_t kKeys = 32;  // keys per block
 
 using jpaged::amx_permitted;
 using jpaged::configure_tiles;
@@ -327,87 +381,90 @@ struct AmxScratch {
   alignas(64) uint16_t k[kKeys][kMaxHeadDim];
   alignas(64) uint16_t v[kMaxHeadDim / 16][16][32];  // V B tiles per 16 of D: [pair][d][2]
   alignas(64) float s[kKeys][16];       // S^T
-  alignas(64) uint32_t p[16][16];       // P A tile: [row][key pair] bf16 pairs
-  alignas(64) uint32_t p_lo[16][16];    // P - bf16(P), the same way
-  alignas(64) float pv[16][16];
+  alignas(64) uint16_t p[16][kKeys];    // P A tile, bf16 [row][key]
+  alignas(64) uint16_t p_lo[16][kKeys]; // P - bf16(P), the same way
   alignas(64) float o[16][kMaxHeadDim];
 };
 
-// Permutation indices, built once.
+// Permutation / gather indices, built once.
 struct AmxConstants {
   __m512i lo_words, hi_words;  // vpermt2w: interleave words 0..15 (lo) / 16..31 (hi) of 2 rows
-  __m512i pair_words;          // vpermw: (word i, word 16 + i) pairs of one register
-  __m512i scatter_idx;         // u32 offsets of the 16 rows of a P tile column
+  __m512i column;              // f32 offsets of one column of S^T (16 keys, 16 floats apart)
+  __m512i iota;                // 0..15
 };
 
 const AmxConstants& amx_constants() {
   static const AmxConstants k = [] {
-    alignas(64) uint16_t lo[32], hi[32], pairs[32];
-    alignas(64) int32_t rows[16];
+    alignas(64) uint16_t lo[32], hi[32];
+    alignas(64) int32_t column[16], iota[16];
     for (int i = 0; i < 16; ++i) {
       lo[2 * i] = i, lo[2 * i + 1] = 32 + i;
       hi[2 * i] = 16 + i, hi[2 * i + 1] = 48 + i;
-      pairs[2 * i] = i, pairs[2 * i + 1] = 16 + i;
-      rows[i] = i * 16;
+      column[i] = i * 16;
+      iota[i] = i;
     }
-    return AmxConstants{_mm512_load_si512(lo), _mm512_load_si512(hi), _mm512_load_si512(pairs),
-                        _mm512_load_si512(rows)};
+    return AmxConstants{_mm512_load_si512(lo), _mm512_load_si512(hi), _mm512_load_si512(column),
+                        _mm512_load_si512(iota)};
   }();
   return k;
 }
 
-void attend_item_amx(const Problem& p, int64_t tile, int64_t kv_head, AmxScratch& w) {
+// The hi part of 32 probabilities (two vectors) as bf16, and what rounding left out.
+inline void split_bf16(__m512 p0, __m512 p1, uint16_t* hi_row, uint16_t* lo_row) {
+  const __m512bh hi = _mm512_cvtne2ps_pbh(p1, p0);  // words 0..15 = p0, 16..31 = p1
+  const __m512i bits = reinterpret_cast<const __m512i&>(hi);
+  const __m512 lo0 = _mm512_sub_ps(
+      p0, _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_castsi512_si256(bits))));
+  const __m512 lo1 = _mm512_sub_ps(
+      p1, _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_extracti64x4_epi64(bits, 1))));
+  const __m512bh lo = _mm512_cvtne2ps_pbh(lo1, lo0);
+  _mm512_store_si512(hi_row, bits);
+  _mm512_store_si512(lo_row, reinterpret_cast<const __m512i&>(lo));
+}
+
+void attend_item_amx(const Problem& p, int64_t tile, int64_t kv_head, AmxScratch& w,
+                     const KvRows* next) {
   const int64_t D = p.head_dim, Q = p.q_len, G = p.num_heads / p.num_kv_heads;
   const int64_t rows = Q * G, bs = p.block_size, chunks = D / 32;
   const int32_t seq_len = p.seq_lens[tile];
-  const int32_t* table = p.block_tables + tile * p.width;
   const size_t token_stride = static_cast<size_t>(p.num_kv_heads * D);  // elements
-  const uint16_t* pool = reinterpret_cast<const uint16_t*>(p.pool);
   const uint16_t* qsrc = reinterpret_cast<const uint16_t*>(p.q);
   uint16_t* out = reinterpret_cast<uint16_t*>(p.out);
   const AmxConstants& k = amx_constants();
-  const __m512i lo_words = k.lo_words, hi_words = k.hi_words;
-  const __m512i scatter_idx = k.scatter_idx, pair_words = k.pair_words;
+  const __m512 scale = _mm512_set1_ps(p.scale), mask_value = _mm512_set1_ps(kMaskValue);
 
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     const int64_t nr = std::min<int64_t>(16, rows - r0);
-    alignas(64) int32_t last[16];
+    int32_t last[16];
+    float row_max[16], denom[16];
     int64_t max_visible = -1;
     std::memset(w.qt, 0, sizeof(w.qt));
-    for (int64_t m = 0; m < 16; ++m) {
-      last[m] = -1;
-      if (m >= nr) continue;
+    std::memset(w.p, 0, sizeof(w.p));  // rows past nr stay 0: their O rows stay 0
+    std::memset(w.p_lo, 0, sizeof(w.p_lo));
+    for (int64_t m = 0; m < nr; ++m) {
       const int64_t r = r0 + m, qi = r / G, h = kv_head * G + r % G;
       const int32_t pos = p.q_positions[tile * Q + qi];
       last[m] = static_cast<int32_t>(std::min<int64_t>(pos, static_cast<int64_t>(seq_len) - 1));
       max_visible = std::max<int64_t>(max_visible, last[m]);
+      row_max[m] = kMaskValue;
+      denom[m] = 0.0f;
       const uint16_t* qrow = qsrc + ((tile * Q + qi) * p.num_heads + h) * D;
       for (int64_t d = 0; d < D; ++d) w.qt[d / 32][(d % 32) / 2][m * 2 + d % 2] = qrow[d];
     }
-    const __m512i last_v = _mm512_load_si512(last);
-    __m512 row_max = _mm512_set1_ps(kMaskValue), denom = _mm512_setzero_ps();
     for (int64_t m = 0; m < 16; ++m) std::fill(w.o[m], w.o[m] + D, 0.0f);
     const int64_t kv_end = std::min<int64_t>(max_visible + 1, p.width * bs);
 
-    // K row of `key` (its V row is bs * token_stride further on)
-    auto k_row = [&](int64_t key) {
-      return pool + ((((p.layer * p.num_blocks + table[key / bs]) * 2) * bs + key % bs) *
-                         token_stride +
-                     kv_head * D);
-    };
-    auto prefetch_block = [&](int64_t first) {  // pages are scattered: no hardware prefetch
-      for (int64_t key = first; key < std::min(first + kKeys, kv_end); ++key) {
-        const char* k = reinterpret_cast<const char*>(k_row(key));
-        const char* v = k + bs * token_stride * 2;
-        for (int64_t b = 0; b < D * 2; b += 64) {
-          _mm_prefetch(k + b, _MM_HINT_T0);
-          _mm_prefetch(v + b, _MM_HINT_T0);
-        }
-      }
-    };
-    prefetch_block(0);
+    const KvRows rows_of(p, tile, kv_head, kv_end);
+    auto k_row = [&rows_of](int64_t key) { return rows_of.k(key); };
+    const bool last_row_block = r0 + 16 >= rows;
+    int64_t next_prefetched = 0;  // blocks of the next item prefetched so far
+    for (int64_t b = 0; b < kAhead; ++b) rows_of.prefetch(b * kKeys);
     for (int64_t k0 = 0; k0 < kv_end; k0 += kKeys) {
-      prefetch_block(k0 + kKeys);
+      if (k0 + kAhead * kKeys < kv_end) {
+        rows_of.prefetch(k0 + kAhead * kKeys);
+      } else if (last_row_block && next != nullptr && next_prefetched < kAhead) {
+        next->prefetch(kKeys * next_prefetched++);  // the next item's first blocks
+      }
       // K: a group of 16 keys inside the context and inside one page is a tile straight from
       // the pool (rows token_stride apart); others are staged with zeros past the context.
       // V key pairs are always staged, interleaved (pool slots past the context may be garbage).
@@ -416,24 +473,18 @@ void attend_item_amx(const Problem& p, int64_t tile, int64_t kv_head, AmxScratch
         const int64_t g0 = k0 + 16 * h;
         if (bs % 16 == 0 && g0 + 15 < kv_end) direct[h] = k_row(g0);
       }
-      for (int64_t j = 0; j < kKeys; j += 2) {
-        const uint16_t* rows2[2] = {nullptr, nullptr};
-        for (int i = 0; i < 2; ++i) {
-          const int64_t key = k0 + j + i;
-          if (key < kv_end) {
-            const uint16_t* base = k_row(key);
-            if (direct[(j + i) / 16] == nullptr) std::memcpy(w.k[j + i], base, D * 2);
-            rows2[i] = base + bs * token_stride;  // the V row of the same slot
-          } else {
-            std::memset(w.k[j + i], 0, D * 2);
-          }
+      for (int64_t j = 0; j < kKeys; ++j) {
+        const int64_t key = k0 + j;
+        if (direct[j / 16] != nullptr) continue;
+        if (key < kv_end) {
+          std::memcpy(w.k[j], k_row(key), D * 2);
+        } else {
+          std::memset(w.k[j], 0, D * 2);
         }
-        for (int64_t c = 0; c < chunks; ++c) {
-          const __m512i a = rows2[0] ? _mm512_loadu_si512(rows2[0] + 32 * c) : _mm512_setzero_si512();
-          const __m512i b = rows2[1] ? _mm512_loadu_si512(rows2[1] + 32 * c) : _mm512_setzero_si512();
-          _mm512_store_si512(w.v[2 * c][j / 2], _mm512_permutex2var_epi16(a, lo_words, b));
-          _mm512_store_si512(w.v[2 * c + 1][j / 2], _mm512_permutex2var_epi16(a, hi_words, b));
-        }
+      }
+      for (int64_t key = k0; key < std::min(k0 + kKeys, kv_end); ++key) {  // V, for P V below
+        const char* vr = reinterpret_cast<const char*>(k_row(key) + bs * token_stride);
+        for (int64_t b = 0; b < D * 2; b += 64) _mm_prefetch(vr + b, _MM_HINT_T0);
       }
       // S^T = K Q^T, keys 0..15 in tmm0, 16..31 in tmm1
       _tile_zero(0);
@@ -455,66 +506,67 @@ void attend_item_amx(const Problem& p, int64_t tile, int64_t kv_head, AmxScratch
       }
       _tile_stored(0, w.s[0], 64);
       _tile_stored(1, w.s[16], 64);
-      // online softmax, one vector of 16 rows per key
-      const __m512 scale = _mm512_set1_ps(p.scale);
-      __mmask16 visible[kKeys];
-      __m512 block_max = _mm512_set1_ps(kMaskValue);
-      for (int64_t j = 0; j < kKeys; ++j) {
-        visible[j] = _mm512_cmpge_epi32_mask(last_v, _mm512_set1_epi32(static_cast<int32_t>(k0 + j)));
-        const __m512 sj = _mm512_mask_mul_ps(_mm512_set1_ps(kMaskValue), visible[j],
-                                             _mm512_load_ps(w.s[j]), scale);
-        _mm512_store_ps(w.s[j], sj);
-        block_max = _mm512_max_ps(block_max, sj);
-      }
-      const __m512 new_max = _mm512_max_ps(row_max, block_max);
-      const __m512 rescale = exp16(_mm512_sub_ps(row_max, new_max));
-      row_max = new_max;
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t j = 0; j < kKeys; j += 2) {
-        const __m512 pa = _mm512_maskz_mov_ps(visible[j], exp16(_mm512_sub_ps(_mm512_load_ps(w.s[j]), new_max)));
-        const __m512 pb = _mm512_maskz_mov_ps(visible[j + 1], exp16(_mm512_sub_ps(_mm512_load_ps(w.s[j + 1]), new_max)));
-        sum = _mm512_add_ps(sum, _mm512_add_ps(pa, pb));
+      // online softmax, one query row (32 scores in two vectors) at a time
+      const __m512i keys0 = _mm512_add_epi32(k.iota, _mm512_set1_epi32(static_cast<int32_t>(k0)));
+      const __m512i keys1 = _mm512_add_epi32(keys0, _mm512_set1_epi32(16));
+      for (int64_t m = 0; m < nr; ++m) {
+        const __m512i last_m = _mm512_set1_epi32(last[m]);
+        const __mmask16 vis0 = _mm512_cmple_epi32_mask(keys0, last_m);
+        const __mmask16 vis1 = _mm512_cmple_epi32_mask(keys1, last_m);
+        if ((vis0 | vis1) == 0) {  // nothing visible to this row here: P row 0, O unchanged
+          std::memset(w.p[m], 0, sizeof(w.p[m]));
+          std::memset(w.p_lo[m], 0, sizeof(w.p_lo[m]));
+          continue;
+        }
+        const __m512 s0 = _mm512_mask_mul_ps(
+            mask_value, vis0, _mm512_i32gather_ps(k.column, &w.s[0][m], 4), scale);
+        const __m512 s1 = _mm512_mask_mul_ps(
+            mask_value, vis1, _mm512_i32gather_ps(k.column, &w.s[16][m], 4), scale);
+        const float new_max = std::max(row_max[m], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+        const __m512 nm = _mm512_set1_ps(new_max);
+        const __m512 p0 = _mm512_maskz_mov_ps(vis0, exp16(_mm512_sub_ps(s0, nm)));
+        const __m512 p1 = _mm512_maskz_mov_ps(vis1, exp16(_mm512_sub_ps(s1, nm)));
+        if (new_max > row_max[m]) {  // rescale what O and the denominator hold so far
+          const float rescale = std::exp(row_max[m] - new_max);
+          const __m512 rs = _mm512_set1_ps(rescale);
+          for (int64_t d = 0; d < D; d += 16) {
+            _mm512_store_ps(&w.o[m][d], _mm512_mul_ps(_mm512_load_ps(&w.o[m][d]), rs));
+          }
+          denom[m] *= rescale;
+          row_max[m] = new_max;
+        }
+        denom[m] += _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
         // P = hi + lo, both bf16: P V then loses nothing to P's rounding (~2^-17 relative)
-        __m512bh hi = _mm512_cvtne2ps_pbh(pb, pa);  // words 0..15 = pa rows, 16..31 = pb
-        const __m512i hi_bits = reinterpret_cast<__m512i&>(hi);
-        const __m512 pa_lo = _mm512_sub_ps(
-            pa, _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_castsi512_si256(hi_bits))));
-        const __m512 pb_lo = _mm512_sub_ps(
-            pb, _mm512_cvtpbh_ps(
-                    reinterpret_cast<__m256bh>(_mm512_extracti64x4_epi64(hi_bits, 1))));
-        __m512bh lo = _mm512_cvtne2ps_pbh(pb_lo, pa_lo);
-        const __m512i pairs_hi = _mm512_permutexvar_epi16(pair_words, hi_bits);
-        const __m512i pairs_lo =
-            _mm512_permutexvar_epi16(pair_words, reinterpret_cast<__m512i&>(lo));
-        _mm512_i32scatter_epi32(&w.p[0][j / 2], scatter_idx, pairs_hi, 4);  // column j / 2
-        _mm512_i32scatter_epi32(&w.p_lo[0][j / 2], scatter_idx, pairs_lo, 4);
+        split_bf16(p0, p1, w.p[m], w.p_lo[m]);
       }
-      denom = _mm512_fmadd_ps(denom, rescale, sum);
-      alignas(64) float rs[16];
-      _mm512_store_ps(rs, rescale);
-      // O = O * rescale + P V, 16 of D at a time
+      for (int64_t j = 0; j < kKeys; j += 2) {
+        const uint16_t* rows2[2] = {nullptr, nullptr};
+        for (int i = 0; i < 2; ++i) {
+          if (k0 + j + i < kv_end) rows2[i] = k_row(k0 + j + i) + bs * token_stride;  // V row
+        }
+        for (int64_t c = 0; c < chunks; ++c) {
+          const __m512i a = rows2[0] ? _mm512_loadu_si512(rows2[0] + 32 * c) : _mm512_setzero_si512();
+          const __m512i b = rows2[1] ? _mm512_loadu_si512(rows2[1] + 32 * c) : _mm512_setzero_si512();
+          _mm512_store_si512(w.v[2 * c][j / 2], _mm512_permutex2var_epi16(a, k.lo_words, b));
+          _mm512_store_si512(w.v[2 * c + 1][j / 2], _mm512_permutex2var_epi16(a, k.hi_words, b));
+        }
+      }
+      // O += P V through the tiles, 16 of D at a time
       _tile_loadd(5, w.p, 64);
       _tile_loadd(4, w.p_lo, 64);
       for (int64_t e = 0; e < D / 16; ++e) {
-        _tile_zero(6);
+        _tile_loadd(6, &w.o[0][16 * e], kMaxHeadDim * 4);
         _tile_loadd(7, w.v[e], 64);
         _tile_dpbf16ps(6, 5, 7);
         _tile_dpbf16ps(6, 4, 7);
-        _tile_stored(6, w.pv, 64);
-        for (int64_t m = 0; m < nr; ++m) {
-          float* o = &w.o[m][16 * e];
-          _mm512_store_ps(o, _mm512_fmadd_ps(_mm512_load_ps(o), _mm512_set1_ps(rs[m]),
-                                             _mm512_load_ps(w.pv[m])));
-        }
+        _tile_stored(6, &w.o[0][16 * e], kMaxHeadDim * 4);
       }
     }
-    alignas(64) float dn[16];
-    _mm512_store_ps(dn, denom);
     for (int64_t m = 0; m < nr; ++m) {
       const int64_t r = r0 + m, qi = r / G, h = kv_head * G + r % G;
-      const float inv = dn[m] > 0.0f ? 1.0f / dn[m] : 0.0f;
+      const float inv = denom[m] > 0.0f ? 1.0f / denom[m] : 0.0f;
       uint16_t* dst = out + ((tile * Q + qi) * p.num_heads + h) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = f32_to_bf16(dn[m] > 0.0f ? w.o[m][d] * inv : 0.0f);
+      for (int64_t d = 0; d < D; ++d) dst[d] = f32_to_bf16(denom[m] > 0.0f ? w.o[m][d] * inv : 0.0f);
     }
   }
 }
@@ -524,7 +576,7 @@ struct AmxScratch {};
 bool amx_permitted() { return false; }
 void configure_tiles() {}
 void release_tiles() {}
-void attend_item_amx(const Problem&, int64_t, int64_t, AmxScratch&) {}
+void attend_item_amx(const Problem&, int64_t, int64_t, AmxScratch&, const KvRows*) {}
 #endif
 
 bool supported_q(ffi::DataType t) {
@@ -586,12 +638,22 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer q,
       if (!tiles) tiles = std::make_unique<AmxScratch>();
       configure_tiles();
     }
-    for (int64_t i = next.fetch_add(1); i < num_items; i = next.fetch_add(1)) {
+    // Each worker claims its next item before it starts the current one, so the AMX path can
+    // prefetch that item's first keys while it finishes this one.
+    for (int64_t i = next.fetch_add(1); i < num_items;) {
+      const int64_t j = next.fetch_add(1);
+      const int64_t tile = i / p.num_kv_heads, kv_head = i % p.num_kv_heads;
       if (amx) {
-        attend_item_amx(p, i / p.num_kv_heads, i % p.num_kv_heads, *tiles);
+        std::optional<KvRows> ahead;
+        if (j < num_items) {
+          const int64_t t = j / p.num_kv_heads;
+          ahead.emplace(p, t, j % p.num_kv_heads, item_kv_end(p, t));
+        }
+        attend_item_amx(p, tile, kv_head, *tiles, ahead ? &*ahead : nullptr);
       } else {
-        attend_item(p, i / p.num_kv_heads, i % p.num_kv_heads, scratch);
+        attend_item(p, tile, kv_head, scratch);
       }
+      i = j;
     }
     if (amx) release_tiles();
   });
