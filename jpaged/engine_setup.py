@@ -139,7 +139,10 @@ def build_runner(
     kv_dtype = jnp.dtype(config.jax_kv_dtype())
     num_blocks = pool_num_blocks(config, model, mesh, kv_dtype, max_model_len)
     sharding = kv_pool_sharding(mesh, model.config) if mesh is not None else None
-    kv_pool = allocate_kv_pool(model.config, num_blocks, config.block_size, kv_dtype, sharding)
+    zeroed = attention_backend != "cpu" or mesh is not None  # see allocate_kv_pool
+    kv_pool = allocate_kv_pool(
+        model.config, num_blocks, config.block_size, kv_dtype, sharding, zeroed=zeroed
+    )
     runner = ModelRunner(
         model,
         kv_pool,

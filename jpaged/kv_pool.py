@@ -68,7 +68,15 @@ def allocate_kv_pool(
     block_size: int,
     dtype: jnp.dtype,
     sharding: jax.sharding.Sharding | None = None,
+    *,
+    zeroed: bool = True,
 ) -> jax.Array:
-    """A zeroed pool, created directly on its device(s)."""
+    """A pool created directly on its device(s): zeroed, or with zeroed=False (one CPU device,
+    the `cpu` attention kernel loaded) allocated but not written, which skips touching every
+    page at start-up; that kernel never reads a slot before the engine writes it."""
     shape = kv_pool_shape(config, num_blocks, block_size)
+    if not zeroed:
+        from pallas_kernels import paged_attention_cpu
+
+        return paged_attention_cpu.uninitialized(shape, jnp.dtype(dtype))
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()

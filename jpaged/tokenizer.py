@@ -2,22 +2,54 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 from pathlib import Path
 from typing import Any
+
+
+def _load_hf(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 class Tokenizer:
     """Thin wrapper over `transformers.AutoTokenizer` (fast, Rust-backed; no torch needed)."""
 
     def __init__(self, hf_tokenizer: Any) -> None:
-        self._hf = hf_tokenizer
+        """`hf_tokenizer`: a transformers tokenizer, or a Future of one (see `from_dir`)."""
+        self._source = hf_tokenizer
+        self._lock = threading.Lock()
 
     @classmethod
-    def from_dir(cls, path: Path | str) -> Tokenizer:
-        """Load `tokenizer.json` / `tokenizer_config.json` from an HF model directory."""
-        from transformers import AutoTokenizer
+    def from_dir(cls, path: Path | str, *, background: bool = False) -> Tokenizer:
+        """Load `tokenizer.json` / `tokenizer_config.json` from an HF model directory.
 
-        return cls(AutoTokenizer.from_pretrained(str(path)))
+        background=True returns at once and loads on a thread (importing transformers takes
+        ~1.5 s, which then overlaps the weight loading); the first use waits for it and
+        raises what the load raised.
+        """
+        if not background:
+            return cls(_load_hf(str(path)))
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def load() -> None:
+            try:
+                future.set_result(_load_hf(str(path)))
+            except BaseException as err:  # noqa: BLE001 - handed to the first caller
+                future.set_exception(err)
+
+        threading.Thread(target=load, name="jpaged-tokenizer", daemon=True).start()
+        return cls(future)
+
+    @property
+    def _hf(self) -> Any:
+        if isinstance(self._source, concurrent.futures.Future):
+            with self._lock:
+                if isinstance(self._source, concurrent.futures.Future):
+                    self._source = self._source.result()
+        return self._source
 
     @property
     def hf(self) -> Any:

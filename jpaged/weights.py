@@ -228,8 +228,8 @@ class LoadedModel:
 
 
 def load_model(model: str | os.PathLike[str] | None = None) -> LoadedModel:
-    """Resolve `model` (see `resolve_model`) and load its config and tokenizer."""
+    """Resolve `model` (see `resolve_model`) and load its config; the tokenizer loads on a
+    thread meanwhile (its first use waits for it)."""
     model_dir = resolve_model(model)
-    return LoadedModel(
-        config=load_config(model_dir), model_dir=model_dir, tokenizer=Tokenizer.from_dir(model_dir)
-    )
+    tokenizer = Tokenizer.from_dir(model_dir, background=True)
+    return LoadedModel(config=load_config(model_dir), model_dir=model_dir, tokenizer=tokenizer)

@@ -673,3 +673,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedPagedAttention, PagedAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // q_positions
                                   .Attr<float>("scale")
                                   .Ret<ffi::AnyBuffer>());        // out
+
+// A result XLA allocates and nothing writes: the KV pool at start-up, so its 4 GiB are not
+// zeroed page by page (a slot is always written before a context covers it; the kernel never
+// reads a slot past a context).
+static ffi::Error UninitializedImpl(ffi::Result<ffi::AnyBuffer>) { return ffi::Error::Success(); }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedUninitialized, UninitializedImpl,
+                              ffi::Ffi::Bind().Ret<ffi::AnyBuffer>());

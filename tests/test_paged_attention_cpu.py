@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jpaged.paths import kernels_cache_dir
-from pallas_kernels import paged_attention, paged_attention_cpu, write_kv
+from pallas_kernels import cpu_build, paged_attention, paged_attention_cpu, write_kv
 from tests.test_paged_attention import (
     LAYER,
     attend,
@@ -114,3 +114,21 @@ def test_bad_inputs_raise_value_error():
         kernel(case.q.astype(jnp.int32), case.kv_pool, *args, scale=1.0)
     with pytest.raises(ValueError, match="kv_pool dtype"):
         kernel(case.q, case.kv_pool.astype(jnp.int8), *args, scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_uninitialized_pool(dtype):
+    """The engine's start-up pool: allocated, not written; usable like any array once written
+    (what the kernel reads of it is covered above, where unwritten slots hold NaN)."""
+    shape = (2, 5, 2, 8, 3, 16)
+    pool = paged_attention_cpu.uninitialized(shape, jnp.dtype(dtype))
+    assert pool.shape == shape and pool.dtype == jnp.dtype(dtype)
+    written = jax.jit(lambda p: p.at[1, 2].set(1.5), donate_argnums=0)(pool)
+    np.testing.assert_array_equal(np.asarray(written[1, 2], np.float32), 1.5)
+    saved = dict(cpu_build._loaded)  # as if the kernel had not been built
+    cpu_build._loaded.pop(str(paged_attention_cpu.SOURCE))
+    try:
+        with pytest.raises(RuntimeError, match="not loaded"):
+            paged_attention_cpu.uninitialized(shape, jnp.float32)
+    finally:
+        cpu_build._loaded.update(saved)

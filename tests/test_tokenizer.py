@@ -111,3 +111,21 @@ def test_no_chat_template_raises(default_model_dir: Path, tmp_path: Path) -> Non
     assert tok.apply_chat_template(CHAT, chat_template="{{ messages[0]['content'] }}") == (
         "What is the capital of France?"
     )
+
+
+def test_background_load_matches(default_model_dir: Path, tokenizer: Tokenizer) -> None:
+    """from_dir(background=True) returns at once; its first use waits and sees the same tokenizer."""
+    tok = Tokenizer.from_dir(default_model_dir, background=True)
+    for text in TEXTS:
+        assert tok.encode(text) == tokenizer.encode(text)
+    assert tok.eos_token_id == tokenizer.eos_token_id
+    assert tok.apply_chat_template(CHAT) == tokenizer.apply_chat_template(CHAT)
+
+
+def test_background_load_error_reaches_first_use(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    tok = Tokenizer.from_dir(tmp_path, background=True)  # no error yet: it loads on a thread
+    with pytest.raises(Exception) as err:  # noqa: PT011 - whatever transformers raises
+        tok.encode("hi")
+    with pytest.raises(type(err.value)):  # and again on a later use
+        tok.encode("hi")
