@@ -455,7 +455,6 @@ void attend_item_amx(const Problem& p, int64_t tile, int64_t kv_head, AmxScratch
     const int64_t kv_end = std::min<int64_t>(max_visible + 1, p.width * bs);
 
     const KvRows rows_of(p, tile, kv_head, kv_end);
-    auto k_row = [&rows_of](int64_t key) { return rows_of.k(key); };
     const bool last_row_block = r0 + 16 >= rows;
     int64_t next_prefetched = 0;  // blocks of the next item prefetched so far
     for (int64_t b = 0; b < kAhead; ++b) rows_of.prefetch(b * kKeys);
@@ -471,19 +470,21 @@ void attend_item_amx(const Problem& p, int64_t tile, int64_t kv_head, AmxScratch
       const uint16_t* direct[2] = {nullptr, nullptr};
       for (int h = 0; h < 2; ++h) {
         const int64_t g0 = k0 + 16 * h;
-        if (bs % 16 == 0 && g0 + 15 < kv_end) direct[h] = k_row(g0);
+        if (bs % 16 == 0 && g0 + 15 < kv_end) direct[h] = rows_of.k(g0);
       }
       for (int64_t j = 0; j < kKeys; ++j) {
         const int64_t key = k0 + j;
         if (direct[j / 16] != nullptr) continue;
         if (key < kv_end) {
-          std::memcpy(w.k[j], k_row(key), D * 2);
+          std::memcpy(w.k[j], rows_of.k(key), D * 2);
         } else {
           std::memset(w.k[j], 0, D * 2);
         }
       }
-      for (int64_t key = k0; key < std::min(k0 + kKeys, kv_end); ++key) {  // V, for P V below
-        const char* vr = reinterpret_cast<const char*>(k_row(key) + bs * token_stride);
+      // This block's V rows into L1 now (they were asked into L2 two blocks ago), so their
+      // loads below overlap S^T and the softmax: measured faster than either prefetch alone.
+      for (int64_t key = k0; key < std::min(k0 + kKeys, kv_end); ++key) {
+        const char* vr = reinterpret_cast<const char*>(rows_of.k(key) + bs * token_stride);
         for (int64_t b = 0; b < D * 2; b += 64) _mm_prefetch(vr + b, _MM_HINT_T0);
       }
       // S^T = K Q^T, keys 0..15 in tmm0, 16..31 in tmm1
@@ -542,7 +543,7 @@ void attend_item_amx(const Problem& p, int64_t tile, int64_t kv_head, AmxScratch
       for (int64_t j = 0; j < kKeys; j += 2) {
         const uint16_t* rows2[2] = {nullptr, nullptr};
         for (int i = 0; i < 2; ++i) {
-          if (k0 + j + i < kv_end) rows2[i] = k_row(k0 + j + i) + bs * token_stride;  // V row
+          if (k0 + j + i < kv_end) rows2[i] = rows_of.k(k0 + j + i) + bs * token_stride;  // V row
         }
         for (int64_t c = 0; c < chunks; ++c) {
           const __m512i a = rows2[0] ? _mm512_loadu_si512(rows2[0] + 32 * c) : _mm512_setzero_si512();

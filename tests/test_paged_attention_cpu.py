@@ -117,7 +117,7 @@ def test_bad_inputs_raise_value_error():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_uninitialized_pool(dtype):
+def test_uninitialized_pool(dtype, monkeypatch):
     """The engine's start-up pool: allocated, not written; usable like any array once written
     (what the kernel reads of it is covered above, where unwritten slots hold NaN)."""
     shape = (2, 5, 2, 8, 3, 16)
@@ -125,10 +125,6 @@ def test_uninitialized_pool(dtype):
     assert pool.shape == shape and pool.dtype == jnp.dtype(dtype)
     written = jax.jit(lambda p: p.at[1, 2].set(1.5), donate_argnums=0)(pool)
     np.testing.assert_array_equal(np.asarray(written[1, 2], np.float32), 1.5)
-    saved = dict(cpu_build._loaded)  # as if the kernel had not been built
-    cpu_build._loaded.pop(str(paged_attention_cpu.SOURCE))
-    try:
-        with pytest.raises(RuntimeError, match="not loaded"):
-            paged_attention_cpu.uninitialized(shape, jnp.float32)
-    finally:
-        cpu_build._loaded.update(saved)
+    monkeypatch.delitem(cpu_build._loaded, str(paged_attention_cpu.SOURCE))  # as if not built
+    with pytest.raises(RuntimeError, match="not loaded"):
+        paged_attention_cpu.uninitialized(shape, jnp.float32)
