@@ -297,14 +297,19 @@ ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::Any
   if (p.m == 0) return ffi::Error::Success();
   // x in A-tile order, [mp / 16, kb, 16, 32] zero padded, so every tile load is 1 KB
   // contiguous (row-strided tile loads from L2 stall on line fills).
+  // Only the padding is zeroed: rows past m, and each row's K tail (the buffer is reused by
+  // this thread's later calls, so it holds old rows).
   const int64_t k = xd[1];
-  std::vector<uint16_t> tiles(p.mp * p.kb * kTileK, 0);
+  thread_local std::vector<uint16_t> tiles;
+  tiles.resize(std::max<size_t>(tiles.size(), p.mp * p.kb * kTileK));
   const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
-  for (int64_t r = 0; r < p.m; ++r) {
+  for (int64_t r = 0; r < p.mp; ++r) {
     uint16_t* row = tiles.data() + (r / kTileRows) * p.kb * kTileElems + (r % kTileRows) * kTileK;
-    for (int64_t c = 0; c < k; c += kTileK) {
-      std::memcpy(row + (c / kTileK) * kTileElems, src + r * k + c,
-                  std::min<int64_t>(kTileK, k - c) * 2);
+    for (int64_t c = 0; c < p.kb * kTileK; c += kTileK) {
+      const int64_t n = r < p.m ? std::clamp<int64_t>(k - c, 0, kTileK) : 0;
+      uint16_t* dst = row + (c / kTileK) * kTileElems;
+      if (n > 0) std::memcpy(dst, src + r * k + c, n * 2);
+      if (n < kTileK) std::memset(dst + n, 0, (kTileK - n) * 2);
     }
   }
   p.x = tiles.data();
