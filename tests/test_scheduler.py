@@ -405,7 +405,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     def teardown(self):
         if not hasattr(self, "sched"):
             return
-        for _ in range(400):  # drain: every request must finish (no livelock)
+        # drain: every request must finish (no livelock). A request needs at most ~30 steps
+        # alone (a 19-token prompt at a 1-token budget, 10 decodes); 40 adds on a 3-token
+        # budget with preemptions took 402 steps, so the bound scales with the adds.
+        for _ in range(100 * self.next_id + 100):
             if not self.sched.has_unfinished():
                 break
             self.step()
