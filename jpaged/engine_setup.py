@@ -45,11 +45,11 @@ def prebuild_cpu_kernels(config: EngineConfig) -> None:
     if jax.default_backend() != "cpu":
         return
     from jpaged.paths import kernels_cache_dir
-    from pallas_kernels import cpu_build, linear_cpu, paged_attention_cpu
+    from pallas_kernels import cpu_build, linear_cpu, paged_attention_cpu, sampling_cpu
 
     sources = []
     if config.attention_backend in ("auto", "cpu"):
-        sources.append(paged_attention_cpu.SOURCE)
+        sources += [paged_attention_cpu.SOURCE, sampling_cpu.SOURCE]
     if config.linear_backend in ("auto", "cpu") and config.quantization is None:
         sources.append(linear_cpu.SOURCE)
     cpu_build.build_in_background(sources, kernels_cache_dir())

@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpaged.paths import kernels_cache_dir
 from jpaged.sampler import SamplingRow, build_sampling_tensors, compute_logprobs, sample
 from models.llama import Llama, ModelBatch, llama_forward, unstack_layers
 from models.packed_linears import pack_linear_params
+from pallas_kernels import sampling_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +134,8 @@ class ModelRunner:
         self.config = model.config
         self.attention_backend = attention_backend  # a name in ATTENTION_BACKENDS, fixed
         self.linear_backend = linear_backend
+        # the sampler's reductions as C++ kernels where the C++ attention runs (one CPU device)
+        self.sampler_kernels = attention_backend == "cpu" and sampling_cpu.load(kernels_cache_dir())
         params = model.params()
         if linear_backend == "cpu":
             params = pack_linear_params(self.config, params)
@@ -167,10 +171,12 @@ class ModelRunner:
             index = jnp.concatenate([batch.logits_index, prompt_index])
             batch = dataclasses.replace(batch, logits_index=index)
         logits, kv_pool = llama_forward(self.config, params, kv_pool, batch, self.attention_backend)
-        sampled = sample(logits[:num_rows], sampling, num_logprobs)
+        sampled = sample(logits[:num_rows], sampling, num_logprobs, self.sampler_kernels)
         prompt_out = None
         if prompt_index.shape[0]:
-            prompt_out = compute_logprobs(logits[num_rows:], prompt_next, NUM_TOP_LOGPROBS)
+            prompt_out = compute_logprobs(
+                logits[num_rows:], prompt_next, NUM_TOP_LOGPROBS, self.sampler_kernels
+            )
         return kv_pool, sampled, prompt_out
 
     def build_batch(

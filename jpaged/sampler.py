@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.sampling_params import SAMPLING_EPS, SamplingParams
+from pallas_kernels import sampling_cpu
 
 _NUM_CANDIDATES = 128  # top-k/top-p candidate set before falling back to bisection
 _CDF_BLOCK = 256  # vocabulary block width of the two-level inverse CDF
@@ -350,13 +351,19 @@ def _draw(weights: jax.Array, t: SamplingTensors) -> jax.Array:
     return _inverse_cdf(weights, u)
 
 
-def compute_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int) -> SamplerOutput:
+def compute_logprobs(
+    logits: jax.Array, token_ids: jax.Array, num_logprobs: int, cpu_kernels: bool = False
+) -> SamplerOutput:
     """Raw log_softmax logprob and rank of `token_ids` ([T] i32) under [T, V] logits, and the
-    top `num_logprobs` (static) tokens. Used for sampled tokens and for prompt logprobs."""
+    top `num_logprobs` (static) tokens. Used for sampled tokens and for prompt logprobs.
+    cpu_kernels: the logsumexp and the rank come from pallas_kernels.sampling_cpu (loaded)."""
     logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=1)  # [T]
     chosen = jnp.take_along_axis(logits, token_ids[:, None], 1)[:, 0]
-    rank = jnp.sum(logits >= chosen[:, None], axis=1, dtype=jnp.int32)
+    if cpu_kernels:
+        lse, rank = sampling_cpu.row_logprob(logits, token_ids)
+    else:
+        lse = jax.nn.logsumexp(logits, axis=1)  # [T]
+        rank = jnp.sum(logits >= chosen[:, None], axis=1, dtype=jnp.int32)
     if num_logprobs > 0:
         top_vals, top_ids = _top_k(logits, num_logprobs)
     else:
@@ -371,15 +378,19 @@ def compute_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int)
     )
 
 
-def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int) -> SamplerOutput:
+def sample(
+    logits: jax.Array, t: SamplingTensors, num_logprobs: int, cpu_kernels: bool = False
+) -> SamplerOutput:
     """Next token per row from [S, V] logits; `num_logprobs` is static (0 or K).
 
     Greedy rows take the first argmax of the penalised logits; other rows draw with key
     fold_in(key(seed), step). Logprobs are of the raw (unpenalised, untempered) logits.
+    cpu_kernels: the argmax and the logprob reductions run as pallas_kernels.sampling_cpu's
+    C++ kernels (loaded; same ids and ranks, logprobs equal up to summation order).
     """
     logits = logits.astype(jnp.float32)
     penalised = apply_penalties(logits, t)
-    greedy_ids = _argmax(penalised)
+    greedy_ids = sampling_cpu.row_argmax(penalised) if cpu_kernels else _argmax(penalised)
     greedy = t.temperature < SAMPLING_EPS
     token_ids = jax.lax.cond(
         jnp.all(greedy),
@@ -388,4 +399,4 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int) -> SamplerO
     )
     # NaN weights (e.g. extreme penalties) must never yield an id outside the vocabulary
     token_ids = jnp.clip(token_ids, 0, logits.shape[1] - 1)
-    return compute_logprobs(logits, token_ids, num_logprobs)
+    return compute_logprobs(logits, token_ids, num_logprobs, cpu_kernels)

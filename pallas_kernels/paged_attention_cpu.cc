@@ -359,22 +359,7 @@ using jpaged::configure_tiles;
 
 void release_tiles() { _tile_release(); }
 
-// e^x for 16 lanes (x <= 0 here): 2^(x log2 e) split into integer and fraction, the fraction
-// by a degree-6 polynomial (relative error ~2e-7), scaled back with vscalefps.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);  // [-0.5, 0.5]
-  __m512 y = _mm512_set1_ps(1.5403530393381606e-4f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(y, n);
-}
+using jpaged::exp16;
 
 struct AmxScratch {
   alignas(64) uint16_t qt[8][16][32];   // Q^T B tiles, one per 32 of D: [pair][row][2]
