@@ -7,9 +7,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 
 #include "xla/ffi/api/ffi.h"
@@ -24,25 +26,43 @@ inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
 }
 
-// Runs work(w) for w in [0, num_workers) with num_workers = min(pool threads, max_workers),
-// the calling thread taking w = 0, and returns when all have finished.
+// Runs work(w) for every w in [0, num_workers), num_workers = min(pool threads, max_workers),
+// and returns when all have finished. The calling thread claims worker indices too, and a pool
+// task that starts after every index is taken does nothing: XLA may run two custom calls at
+// once on the pool's own threads, and if each waited for tasks queued behind the other, both
+// would wait forever. So the caller never waits for a task that has not started; it runs the
+// unclaimed indices itself and waits only for those already running.
 template <typename Work>
 void run_workers(xla::ffi::ThreadPool& thread_pool, int64_t max_workers, Work work) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t done = 0;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
   const int64_t num_workers =
       std::max<int64_t>(1, std::min<int64_t>(thread_pool.num_threads(), max_workers));
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t pending = num_workers - 1;
+  // Shared so that a task starting after this call has returned still finds live state.
+  auto state = std::make_shared<State>();
+  // Runs unclaimed indices until none is left; work is only touched for a claimed index,
+  // and this call cannot return before that index is done.
+  auto drain = [num_workers](State& s, Work& fn) {
+    int64_t ran = 0;
+    for (int64_t w = s.next.fetch_add(1); w < num_workers; w = s.next.fetch_add(1)) {
+      fn(w);
+      ++ran;
+    }
+    if (ran == 0) return;
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.done += ran;
+    if (s.done == num_workers) s.cv.notify_all();
+  };
   for (int64_t w = 1; w < num_workers; ++w) {
-    thread_pool.Schedule([&work, &mu, &cv, &pending, w]() {
-      work(w);
-      std::lock_guard<std::mutex> lock(mu);
-      if (--pending == 0) cv.notify_one();
-    });
+    thread_pool.Schedule([state, &work, drain]() mutable { drain(*state, work); });
   }
-  work(0);
-  std::unique_lock<std::mutex> lock(mu);
-  cv.wait(lock, [&pending] { return pending == 0; });
+  drain(*state, work);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&state, num_workers] { return state->done == num_workers; });
 }
 
 #if defined(__AVX512F__)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,3 +111,44 @@ def test_sample_with_kernels_equals_xla_path():
     want = compute_logprobs(pad, jnp.arange(16, dtype=jnp.int32), 2)
     np.testing.assert_array_equal(np.asarray(prompt.rank), np.asarray(want.rank))
     np.testing.assert_allclose(np.asarray(prompt.logprob), np.asarray(want.logprob), atol=2e-5)
+
+
+CONCURRENT_CALLS = """
+import jax, jax.numpy as jnp, numpy as np
+from jpaged.paths import kernels_cache_dir
+from pallas_kernels import sampling_cpu
+assert sampling_cpu.load(kernels_cache_dir())
+
+@jax.jit
+def many(a, ids):
+    # 16 independent chains, so XLA's thunk executor runs custom calls side by side on its pool
+    xs = [jnp.sin(a * (j + 1)) for j in range(16)]
+    return [sampling_cpu.row_argmax(x) for x in xs], [sampling_cpu.row_logprob(x, ids)[1] for x in xs]
+
+a = np.random.default_rng(0).standard_normal((64, 8192)).astype(np.float32)
+ids = np.arange(64, dtype=np.int32)
+for _ in range(5):
+    got, ranks = jax.block_until_ready(many(a, ids))
+for j, (g, r) in enumerate(zip(got, ranks)):
+    x = np.sin(a * np.float32(j + 1))
+    assert (np.asarray(g) == np.argmax(x, axis=1)).all()
+    assert (np.asarray(r) == (x >= x[np.arange(64), ids][:, None]).sum(1)).all()
+print("done")
+"""
+
+
+def test_concurrent_custom_calls_do_not_deadlock():
+    """Custom calls XLA runs at once on its pool threads each finish: a kernel's calling thread
+    runs the worker slots no pool thread has started (pallas_kernels/cpu_kernels.h run_workers).
+    The old version waited for its queued tasks and hung here on the first call. In a
+    subprocess, so a hang fails the test instead of the suite."""
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run(
+        [sys.executable, "-c", CONCURRENT_CALLS],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "done"
