@@ -20,7 +20,7 @@ from models.config import LlamaConfig
 from models.quant import LINEAR_NAMES, linear
 from models.quant_load import QuantizedTensors, QuantSpec, int8_layers
 from pallas_kernels import attention_functions
-from pallas_kernels.linear_cpu import linear_cpu, packed_rows
+from pallas_kernels.linear_cpu import linear_cpu, packed_rows, silu_mul
 
 
 @jax.tree_util.register_dataclass
@@ -191,8 +191,7 @@ def decoder_layer(
         gated = jax.nn.silu(linear(h, w, "w_gate")) * linear(h, w, "w_up")
         return x + linear(gated, w, "w_down"), kv_pool
     gate_up = linear_cpu(h, packed["gate_up"], layer_idx, n=2 * c.intermediate_size)
-    gate, up = jnp.split(gate_up, 2, axis=-1)
-    down = linear_cpu(jax.nn.silu(gate) * up, packed["down"], layer_idx, n=c.hidden_size)
+    down = linear_cpu(silu_mul(gate_up), packed["down"], layer_idx, n=c.hidden_size)
     return x + down, kv_pool
 
 

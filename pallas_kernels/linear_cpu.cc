@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -324,6 +325,92 @@ ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::Any
 #endif
 }
 
+
+// ---- SwiGLU's silu(gate) * up ------------------------------------------------------------
+//
+// XLA:CPU runs jax.nn.silu(gate) * up in bf16 at ~5 ns an element (13 ms of a 64-row decode
+// step over 30 layers, 480 ms of a 2048-token prefill step); this is one AVX-512 pass.
+// sigmoid(g) = 1 / (1 + e^-g) from e = e^-|g| (exp16's range), so no overflow. bf16 rounds
+// where torch's bf16 SwiGLU does: silu(g) to bf16, then the product to bf16.
+
+#if defined(__AVX512F__)
+inline __m512 silu16(__m512 g) {
+  const __m512 abs = _mm512_abs_ps(g);
+  const __m512 e = jpaged::exp16(_mm512_sub_ps(_mm512_setzero_ps(), abs));  // e^-|g| in (0, 1]
+  const __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+  const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 sig = _mm512_mask_mul_ps(r, neg, r, e);  // g < 0: e / (1 + e)
+  return _mm512_mul_ps(g, sig);
+}
+
+inline __m512 bf16_bits_to_f32(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
+  return bf16_bits_to_f32(_mm256_maskz_loadu_epi16(m, p));
+}
+
+// Rounds 16 floats to bf16 (nearest even; NaN stays NaN), as jpaged::f32_to_bf16 does.
+inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, bits, _mm512_set1_epi32(0x400000));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+template <typename T>
+void silu_mul_row(const T* gu, int64_t f, T* out) {
+  for (int64_t j = 0; j < f; j += 16) {
+    const __mmask16 m = f - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (f - j)) - 1);
+    if constexpr (std::is_same_v<T, float>) {
+      const __m512 g = _mm512_maskz_loadu_ps(m, gu + j);
+      const __m512 u = _mm512_maskz_loadu_ps(m, gu + f + j);
+      _mm512_mask_storeu_ps(out + j, m, _mm512_mul_ps(silu16(g), u));
+    } else {
+      const __m512 g = load_bf16(gu + j, m);
+      const __m512 u = load_bf16(gu + f + j, m);
+      const __m512 s = bf16_bits_to_f32(to_bf16(silu16(g)));  // silu(g) rounded to bf16
+      _mm256_mask_storeu_epi16(out + j, m, to_bf16(_mm512_mul_ps(s, u)));
+    }
+  }
+}
+#endif  // __AVX512F__
+
+// gate_up [M, 2F] (gate in the first F columns, up in the last) -> out [M, F].
+ffi::Error SiluMulImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer gate_up,
+                       ffi::Result<ffi::AnyBuffer> out) {
+#if defined(__AVX512F__)
+  auto gd = gate_up.dimensions();
+  auto od = out->dimensions();
+  const auto dtype = gate_up.element_type();
+  if (gd.size() != 2 || od.size() != 2 || od[0] != gd[0] || gd[1] != 2 * od[1] ||
+      out->element_type() != dtype ||
+      (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16)) {
+    return ffi::Error::InvalidArgument("silu_mul: gate_up must be [M, 2F] f32 or bf16, out [M, F]");
+  }
+  const int64_t m = gd[0], f = od[1];
+  constexpr int64_t kMinRows = 8;  // below this a second worker costs more than it saves
+  const int64_t workers = std::max<int64_t>(1, m / kMinRows);
+  const int64_t num = std::min<int64_t>(workers, thread_pool.num_threads());
+  jpaged::run_workers(thread_pool, num, [&](int64_t w) {
+    for (int64_t r = m * w / num; r < m * (w + 1) / num; ++r) {
+      if (dtype == ffi::DataType::F32) {
+        silu_mul_row(gate_up.typed_data<float>() + r * 2 * f, f, out->typed_data<float>() + r * f);
+      } else {
+        const auto* src = static_cast<const uint16_t*>(gate_up.untyped_data());
+        silu_mul_row(src + r * 2 * f, f, static_cast<uint16_t*>(out->untyped_data()) + r * f);
+      }
+    }
+  });
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal("silu_mul: built for a CPU without AVX-512");
+#endif
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearAmx, LinearAmxImpl,
@@ -341,3 +428,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearF32, LinearF32Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()    // w [L, NP, K, 32]
                                   .Arg<ffi::Buffer<ffi::S32>>()    // layer
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedSiluMul, SiluMulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()   // gate_up [M, 2F]
+                                  .Ret<ffi::AnyBuffer>());  // out [M, F]

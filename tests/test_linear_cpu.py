@@ -130,3 +130,45 @@ def test_config_resolves_linear_backend():
         EngineConfig(linear_backend="cpu", quantization="int8").resolved_linear_backend("float32")
     with pytest.raises(ValueError, match="linear_backend"):
         EngineConfig(linear_backend="onednn")
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    """float -> nearest-even bf16, back as float32 (numpy; NaN stays NaN)."""
+    return np.asarray(jnp.asarray(np.asarray(x, np.float32), jnp.bfloat16), np.float32)
+
+
+@needs["float32"]
+@pytest.mark.parametrize("m, f", [(1, 16), (3, 37), (8, 1536), (64, 1536), (300, 100)])
+def test_silu_mul_matches_silu_times_up(m, f):
+    rng = np.random.default_rng(m * f)
+    gu = rng.standard_normal((m, 2 * f)).astype(np.float32) * 4
+    gu[0, :3] = [0.0, 60.0, -60.0]  # e^-|g| small, the products still normal floats
+    g, u = gu[:, :f].astype(np.float64), gu[:, f:].astype(np.float64)
+    exact = g / (1 + np.exp(-g)) * u
+    got = np.asarray(linear_cpu.silu_mul(jnp.asarray(gu)))
+    assert got.shape == (m, f)
+    np.testing.assert_allclose(got, exact, rtol=2e-6, atol=1e-12)
+    # bf16: silu rounded to bf16, then the product rounded (torch's bf16 SwiGLU)
+    gb = jnp.asarray(gu, jnp.bfloat16)
+    g, u = np.asarray(gb, np.float64)[:, :f], np.asarray(gb, np.float64)[:, f:]
+    want = bf16_round(bf16_round(g / (1 + np.exp(-g))) * u)
+    got = np.asarray(linear_cpu.silu_mul(gb), np.float32)
+    # equal except where silu lands within exp's ~2e-7 of a bf16 rounding boundary
+    assert np.mean(got == want) > 0.999
+    np.testing.assert_allclose(got, want, rtol=2**-7)
+
+
+@needs["float32"]
+def test_silu_mul_leading_dims_nan_and_errors():
+    rng = np.random.default_rng(1)
+    gu = rng.standard_normal((2, 3, 40)).astype(np.float32)
+    gu[1, 2, 5] = np.nan  # a NaN gate gives NaN; its neighbours are untouched
+    got = np.asarray(linear_cpu.silu_mul(jnp.asarray(gu)))
+    flat = np.asarray(linear_cpu.silu_mul(jnp.asarray(gu.reshape(6, 40)))).reshape(2, 3, 20)
+    assert got.shape == (2, 3, 20) and np.isnan(got[1, 2, 5])
+    assert np.isnan(got).sum() == 1
+    np.testing.assert_array_equal(got, flat)
+    with pytest.raises(ValueError, match="2F"):
+        linear_cpu.silu_mul(jnp.zeros((4, 7), jnp.float32))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        linear_cpu.silu_mul(jnp.zeros((4, 8), jnp.float16))

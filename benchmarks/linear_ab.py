@@ -1,0 +1,102 @@
+"""A/B two or more versions of the C++ linear kernels (bf16 AMX) in one process, interleaved.
+
+    git show HEAD~1:pallas_kernels/linear_cpu.cc > /tmp/old.cc
+    .venv/bin/python benchmarks/linear_ab.py /tmp/old.cc pallas_kernels/linear_cpu.cc
+
+Each source is built (with pallas_kernels/cpu_kernels.h) into its own directory and registered
+under its own FFI target. The workload is benchmarks/linear_cpu.py's: 30 SmolLM2-shaped
+layers, x [M, 576] @ [576, 4224] then [M, 1536] @ [1536, 576], under `lax.scan`, for each M
+in --rows. Rounds alternate between the versions; prints one JSON line per (M, version) with
+the best and median ms, the weight GB/s and TFLOP/s, and a checksum of the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from linear_cpu import LAYERS, QKV_GU, D, F  # noqa: E402
+
+from pallas_kernels import linear_cpu  # noqa: E402
+from pallas_kernels.cpu_build import load_kernel  # noqa: E402
+
+
+def build(sources: list[str], tmp: Path) -> list[str]:
+    targets = []
+    for i, source in enumerate(sources):
+        d = tmp / f"v{i}"
+        d.mkdir()
+        shutil.copy(source, d / "linear_cpu.cc")
+        shutil.copy(ROOT / "pallas_kernels" / "cpu_kernels.h", d / "cpu_kernels.h")
+        target = f"jpaged_linear_ab_{i}"
+        if not load_kernel(d / "linear_cpu.cc", {target: "JpagedLinearAmx"}, d):
+            raise SystemExit(f"{source}: the build failed")
+        targets.append(target)
+    return targets
+
+
+def make(target: str):  # noqa: ANN201
+    def call(x: jax.Array, packed: jax.Array, layer: jax.Array, n: int) -> jax.Array:
+        out = jax.ShapeDtypeStruct((x.shape[0], n), x.dtype)
+        return jax.ffi.ffi_call(target, out)(x, packed, layer)
+
+    @jax.jit
+    def run(x: jax.Array, p_in: jax.Array, p_out: jax.Array) -> jax.Array:
+        def body(h: jax.Array, i: jax.Array) -> tuple:
+            y = call(h, p_in, i, QKV_GU)[:, :F]
+            return h + call(y, p_out, i, D), None
+
+        return jax.lax.scan(body, x, jnp.arange(LAYERS, dtype=jnp.int32))[0]
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sources", nargs="+")
+    parser.add_argument("--rows", default="1,64,2048")
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    key = jax.random.PRNGKey(0)
+    p_in = linear_cpu.pack(jax.random.normal(key, (LAYERS, D, QKV_GU), jnp.bfloat16) * 0.02)
+    p_out = linear_cpu.pack(jax.random.normal(key, (LAYERS, F, D), jnp.bfloat16) * 0.02)
+    with tempfile.TemporaryDirectory() as tmp:
+        fns = [make(t) for t in build(args.sources, Path(tmp))]
+        for m in (int(r) for r in args.rows.split(",")):
+            x = jax.random.normal(key, (m, D), jnp.bfloat16)
+            sums = [float(jnp.sum(fn(x, p_in, p_out).astype(jnp.float32))) for fn in fns]
+            times: list[list[float]] = [[] for _ in fns]
+            for _ in range(args.rounds):
+                for fn, ts in zip(fns, times, strict=True):
+                    t0 = time.perf_counter()
+                    fn(x, p_in, p_out).block_until_ready()
+                    ts.append(time.perf_counter() - t0)
+            weight_bytes = LAYERS * (D * QKV_GU + F * D) * 2
+            flops = 2 * m * LAYERS * (D * QKV_GU + F * D)
+            for source, ts, s in zip(args.sources, times, sums, strict=True):
+                best = min(ts)
+                print(json.dumps({
+                    "bench": "linear_ab", "source": source, "rows": m,
+                    "ms_best": round(best * 1e3, 2),
+                    "ms_median": round(statistics.median(ts) * 1e3, 2),
+                    "weight_gb_s": round(weight_bytes / best / 1e9, 2),
+                    "tflop_s": round(flops / best / 1e12, 3), "checksum": s,
+                    "cmd": " ".join([".venv/bin/python", *sys.argv]),
+                }), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
