@@ -20,7 +20,13 @@ from models.config import LlamaConfig
 from models.quant import LINEAR_NAMES, linear
 from models.quant_load import QuantizedTensors, QuantSpec, int8_layers
 from pallas_kernels import attention_functions
-from pallas_kernels.linear_cpu import linear_cpu, packed_rows, silu_mul
+from pallas_kernels.linear_cpu import (
+    linear_cpu,
+    packed_rows,
+    rope_qkv,
+    rope_qkv_supported,
+    silu_mul,
+)
 
 
 @jax.tree_util.register_dataclass
@@ -154,16 +160,24 @@ def decoder_layer(
     cos, sin = rope
     qe, ke = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
+    rotated = None  # (q, k, v) with RoPE applied, where one kernel did the split and RoPE
     if packed is None:
         q, k, v = linear(h, w, "wq"), linear(h, w, "wk"), linear(h, w, "wv")
     else:
         qkv = linear_cpu(h, packed["qkv"], layer_idx, n=qe + 2 * ke)
-        q, k, v = jnp.split(qkv, [qe, qe + ke], axis=-1)
-    if c.attention_bias:
-        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-    q = apply_rope(q.reshape(num_tokens, -1, c.head_dim), cos, sin)
-    k = apply_rope(k.reshape(num_tokens, -1, c.head_dim), cos, sin)
-    v = v.reshape(num_tokens, -1, c.head_dim)
+        if not c.attention_bias and rope_qkv_supported(qkv.dtype, c.head_dim):
+            heads = {"num_heads": c.num_attention_heads, "num_kv_heads": c.num_key_value_heads}
+            rotated = rope_qkv(qkv, cos, sin, **heads)
+        else:
+            q, k, v = jnp.split(qkv, [qe, qe + ke], axis=-1)
+    if rotated is not None:
+        q, k, v = rotated
+    else:
+        if c.attention_bias:
+            q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+        q = apply_rope(q.reshape(num_tokens, -1, c.head_dim), cos, sin)
+        k = apply_rope(k.reshape(num_tokens, -1, c.head_dim), cos, sin)
+        v = v.reshape(num_tokens, -1, c.head_dim)
     paged_attention, write_kv = attention_functions(attention_backend)
     kv_pool = write_kv(
         kv_pool, layer_idx, k.astype(kv_pool.dtype), v.astype(kv_pool.dtype), batch.slot_mapping

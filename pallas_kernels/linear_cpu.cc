@@ -411,6 +411,84 @@ ffi::Error SiluMulImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer gate_up,
 #endif
 }
 
+
+// ---- RoPE on the fused q|k|v projection (bf16) ---------------------------------------------
+//
+// qkv [T, (H + 2 KV) E] -> q [T, H, E], k [T, KV, E] rotated (rotate-half, as HF Llama), and
+// v [T, KV, E] copied out. cos, sin [T, E] f32. Rounds where torch's bf16 RoPE does: cos and
+// sin to bf16, then x cos, rotate_half(x) sin and their sum each to bf16. XLA:CPU ran this at
+// ~3 ns an element in bf16.
+#if defined(__AVX512F__)
+void rope_row(const uint16_t* x, const float* cos, const float* sin, int64_t heads, int64_t e,
+              uint16_t* out) {
+  const int64_t half = e / 2;
+  for (int64_t j = 0; j < half; j += 16) {
+    // cos and sin repeat over the halves, but round each half's own values (they need not)
+    const __m512 c0 = bf16_bits_to_f32(to_bf16(_mm512_loadu_ps(cos + j)));
+    const __m512 s0 = bf16_bits_to_f32(to_bf16(_mm512_loadu_ps(sin + j)));
+    const __m512 c1 = bf16_bits_to_f32(to_bf16(_mm512_loadu_ps(cos + half + j)));
+    const __m512 s1 = bf16_bits_to_f32(to_bf16(_mm512_loadu_ps(sin + half + j)));
+    for (int64_t h = 0; h < heads; ++h) {
+      const uint16_t* xh = x + h * e;
+      const __m512 lo = load_bf16(xh + j, 0xffff);
+      const __m512 hi = load_bf16(xh + half + j, 0xffff);
+      const __m512 a0 = bf16_bits_to_f32(to_bf16(_mm512_mul_ps(lo, c0)));
+      const __m512 b0 = bf16_bits_to_f32(to_bf16(_mm512_mul_ps(hi, s0)));  // rotated: -hi
+      const __m512 a1 = bf16_bits_to_f32(to_bf16(_mm512_mul_ps(hi, c1)));
+      const __m512 b1 = bf16_bits_to_f32(to_bf16(_mm512_mul_ps(lo, s1)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h * e + j),
+                          to_bf16(_mm512_sub_ps(a0, b0)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h * e + half + j),
+                          to_bf16(_mm512_add_ps(a1, b1)));
+    }
+  }
+}
+#endif  // __AVX512F__
+
+ffi::Error RopeQkvImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer qkv, ffi::Buffer<ffi::F32> cos,
+                       ffi::Buffer<ffi::F32> sin, ffi::Result<ffi::AnyBuffer> q,
+                       ffi::Result<ffi::AnyBuffer> k, ffi::Result<ffi::AnyBuffer> v) {
+#if defined(__AVX512F__)
+  auto xd = qkv.dimensions();
+  auto cd = cos.dimensions();
+  auto qd = q->dimensions();
+  auto kd = k->dimensions();
+  bool ok = xd.size() == 2 && cd.size() == 2 && qd.size() == 3 && kd.size() == 3 &&
+            sin.dimensions().size() == 2 && v->dimensions().size() == 3;
+  const int64_t t = ok ? xd[0] : 0, e = ok ? cd[1] : 0;
+  const int64_t heads = ok ? qd[1] : 0, kv_heads = ok ? kd[1] : 0;
+  ok = ok && qkv.element_type() == ffi::DataType::BF16 && e % 32 == 0 && cd[0] == t &&
+       sin.dimensions()[0] == t && sin.dimensions()[1] == e && qd[0] == t && qd[2] == e &&
+       kd[0] == t && kd[2] == e && v->dimensions()[0] == t && v->dimensions()[1] == kv_heads &&
+       v->dimensions()[2] == e && xd[1] == (heads + 2 * kv_heads) * e;
+  if (!ok) {
+    return ffi::Error::InvalidArgument(
+        "rope_qkv: qkv [T, (H + 2 KV) E] bf16, cos / sin [T, E] f32 (E % 32 == 0), q [T, H, E], "
+        "k / v [T, KV, E]");
+  }
+  const auto* x = static_cast<const uint16_t*>(qkv.untyped_data());
+  auto* qo = static_cast<uint16_t*>(q->untyped_data());
+  auto* ko = static_cast<uint16_t*>(k->untyped_data());
+  auto* vo = static_cast<uint16_t*>(v->untyped_data());
+  const int64_t width = xd[1];
+  constexpr int64_t kMinRows = 16;
+  const int64_t num = std::min<int64_t>(std::max<int64_t>(1, t / kMinRows), thread_pool.num_threads());
+  jpaged::run_workers(thread_pool, num, [&](int64_t w) {
+    for (int64_t r = t * w / num; r < t * (w + 1) / num; ++r) {
+      const uint16_t* row = x + r * width;
+      const float* c = cos.typed_data() + r * e;
+      const float* s = sin.typed_data() + r * e;
+      rope_row(row, c, s, heads, e, qo + r * heads * e);
+      rope_row(row + heads * e, c, s, kv_heads, e, ko + r * kv_heads * e);
+      std::memcpy(vo + r * kv_heads * e, row + (heads + kv_heads) * e, kv_heads * e * 2);
+    }
+  });
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal("rope_qkv: built for a CPU without AVX-512");
+#endif
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearAmx, LinearAmxImpl,
@@ -434,3 +512,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedSiluMul, SiluMulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()   // gate_up [M, 2F]
                                   .Ret<ffi::AnyBuffer>());  // out [M, F]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedRopeQkv, RopeQkvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()           // qkv [T, (H + 2 KV) E] bf16
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // cos [T, E]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // sin [T, E]
+                                  .Ret<ffi::AnyBuffer>()           // q [T, H, E]
+                                  .Ret<ffi::AnyBuffer>()           // k [T, KV, E]
+                                  .Ret<ffi::AnyBuffer>());         // v [T, KV, E]

@@ -9,7 +9,8 @@ index (`linear_cpu.cc`):
 - bfloat16: Intel AMX tiles ([L, NB, KB, 16, 32], TDPBF16PS: bf16 products, f32 sums).
 
 `silu_mul` is SwiGLU's silu(gate) * up between the gate|up and the down linear, one AVX-512
-pass (XLA:CPU's bf16 silu runs at ~5 ns an element).
+pass (XLA:CPU's bf16 silu runs at ~5 ns an element); `rope_qkv` splits the fused q|k|v
+projection and applies RoPE to q and k in one bf16 pass.
 
 `available(build_dir, dtype)` says whether this CPU has the instructions, the kernel built and
 a small product checked out; callers keep plain `x @ w` otherwise.
@@ -31,6 +32,7 @@ _TARGETS = {
     "jpaged_linear_amx": "JpagedLinearAmx",
     "jpaged_linear_f32": "JpagedLinearF32",
     "jpaged_silu_mul": "JpagedSiluMul",
+    "jpaged_rope_qkv": "JpagedRopeQkv",
 }
 _TILE_K, _TILE_N, _PANEL_N = 32, 16, 32
 DTYPES = ("float32", "bfloat16")
@@ -138,6 +140,37 @@ def silu_mul(gate_up: jax.Array) -> jax.Array:
     x2 = gate_up.reshape(-1, two_f)
     out = jax.ShapeDtypeStruct((x2.shape[0], two_f // 2), gate_up.dtype)
     return jax.ffi.ffi_call("jpaged_silu_mul", out)(x2).reshape(*lead, two_f // 2)
+
+
+def rope_qkv_supported(dtype: jnp.dtype, head_dim: int) -> bool:
+    """Whether `rope_qkv` takes this dtype and head size (bf16, head_dim a multiple of 32)."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 32 == 0
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads"))
+def rope_qkv(
+    qkv: jax.Array, cos: jax.Array, sin: jax.Array, *, num_heads: int, num_kv_heads: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """qkv [T, (H + 2 KV) E] bf16 -> (q [T, H, E], k [T, KV, E]) rotated, and v [T, KV, E].
+
+    cos, sin: [T, 1, E] or [T, E] f32 (models.llama.rope_tables). Equals models.llama's
+    `apply_rope` with torch's bf16 rounding (cos / sin, both products and the sum each rounded
+    to bf16). Raises ValueError where `rope_qkv_supported` is false or shapes do not match.
+    """
+    t, width = qkv.shape
+    e = cos.shape[-1]
+    if not rope_qkv_supported(qkv.dtype, e) or width != (num_heads + 2 * num_kv_heads) * e:
+        raise ValueError(f"qkv must be [T, {num_heads + 2 * num_kv_heads} * E] bf16 with E % 32 "
+                         f"== 0, got {qkv.shape} {qkv.dtype}, E = {e}")  # fmt: skip
+    if not is_loaded(SOURCE):
+        raise RuntimeError("the cpu linear kernels are not loaded: call available(build_dir)")
+    cos, sin = (a.reshape(t, e).astype(jnp.float32) for a in (cos, sin))
+    out = (
+        jax.ShapeDtypeStruct((t, num_heads, e), qkv.dtype),
+        jax.ShapeDtypeStruct((t, num_kv_heads, e), qkv.dtype),
+        jax.ShapeDtypeStruct((t, num_kv_heads, e), qkv.dtype),
+    )
+    return jax.ffi.ffi_call("jpaged_rope_qkv", out)(qkv, cos, sin)
 
 
 def available(build_dir: Path, dtype: str) -> bool:

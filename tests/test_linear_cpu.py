@@ -12,7 +12,7 @@ from jpaged.kv_pool import allocate_kv_pool
 from jpaged.model_runner import ModelRunner, StepSeq, step_shape
 from jpaged.paths import kernels_cache_dir
 from models.config import tiny_llama_config
-from models.llama import llama_forward, llama_from_hf_tensors
+from models.llama import apply_rope, llama_forward, llama_from_hf_tensors, rope_tables
 from pallas_kernels import linear_cpu
 from tests.util import random_llama_tensors
 
@@ -88,9 +88,10 @@ def test_leading_dims_and_errors(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_model_on_packed_linears_matches_plain_dots(dtype):
+@pytest.mark.parametrize("head_dim", [16, 32])  # bf16 at 32: q|k|v split and RoPE by rope_qkv
+def test_model_on_packed_linears_matches_plain_dots(dtype, head_dim):
     config = tiny_llama_config(vocab_size=512, hidden_size=64, intermediate_size=128,
-                               head_dim=16, num_attention_heads=8, num_key_value_heads=2,
+                               head_dim=head_dim, num_attention_heads=8, num_key_value_heads=2,
                                num_hidden_layers=3, eos_token_id=2)  # fmt: skip
     model = llama_from_hf_tensors(config, random_llama_tensors(config, 3).items(), dtype)
     rng = np.random.default_rng(2)
@@ -172,3 +173,34 @@ def test_silu_mul_leading_dims_nan_and_errors():
         linear_cpu.silu_mul(jnp.zeros((4, 7), jnp.float32))
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         linear_cpu.silu_mul(jnp.zeros((4, 8), jnp.float16))
+
+
+@needs["float32"]
+@pytest.mark.parametrize("t, heads, kv_heads, e", [(1, 9, 3, 64), (17, 4, 4, 128), (300, 9, 3, 64)])
+def test_rope_qkv_equals_split_and_apply_rope(t, heads, kv_heads, e):
+    rng = np.random.default_rng(t)
+    qkv = rand(rng, (t, (heads + 2 * kv_heads) * e), "bfloat16", 2.0)
+    inv_freq = jnp.asarray(1.0 / 10000 ** (np.arange(0, e, 2) / e), jnp.float32)
+    positions = jnp.asarray(rng.integers(0, 8192, t), jnp.int32)
+    cos, sin = rope_tables(positions, inv_freq)
+    q, k, v = jnp.split(qkv, [heads * e, (heads + kv_heads) * e], axis=-1)
+    want = (
+        apply_rope(q.reshape(t, heads, e), cos, sin),
+        apply_rope(k.reshape(t, kv_heads, e), cos, sin),
+        v.reshape(t, kv_heads, e),
+    )
+    got = linear_cpu.rope_qkv(qkv, cos, sin, num_heads=heads, num_kv_heads=kv_heads)
+    for g, w in zip(got, want, strict=True):  # the same bf16 roundings: bit for bit
+        assert g.shape == w.shape and g.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+@needs["float32"]
+def test_rope_qkv_refuses_what_it_does_not_take():
+    cos = sin = jnp.zeros((2, 1, 64), jnp.float32)
+    assert linear_cpu.rope_qkv_supported(jnp.bfloat16, 64)
+    assert not linear_cpu.rope_qkv_supported(jnp.float32, 64)
+    assert not linear_cpu.rope_qkv_supported(jnp.bfloat16, 48)
+    for qkv in (jnp.zeros((2, 5 * 64), jnp.float32), jnp.zeros((2, 4 * 64), jnp.bfloat16)):
+        with pytest.raises(ValueError, match="qkv must be"):
+            linear_cpu.rope_qkv(qkv, cos, sin, num_heads=3, num_kv_heads=1)
