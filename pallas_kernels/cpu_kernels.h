@@ -58,7 +58,7 @@ void run_workers(xla::ffi::ThreadPool& thread_pool, int64_t max_workers, Work wo
     if (s.done == num_workers) s.cv.notify_all();
   };
   for (int64_t w = 1; w < num_workers; ++w) {
-    thread_pool.Schedule([state, &work, drain]() mutable { drain(*state, work); });
+    thread_pool.Schedule([state, &work, drain]() { drain(*state, work); });
   }
   drain(*state, work);
   std::unique_lock<std::mutex> lock(state->mu);
