@@ -46,15 +46,22 @@ from pallas_kernels.cpu_build import load_kernel  # noqa: E402
 BLOCK = 16
 
 
-def build(sources: list[str], tmp: Path) -> list[str]:
+def build(
+    sources: list[str],
+    tmp: Path,
+    name: str = "paged_attention_cpu.cc",
+    symbol: str = "JpagedPagedAttention",
+) -> list[str]:
+    """Build each version of kernel source `name` (with cpu_kernels.h) in its own directory and
+    register its handler `symbol` under its own FFI target; returns the targets, in order."""
     targets = []
     for i, source in enumerate(sources):
         d = tmp / f"v{i}"
         d.mkdir()
-        shutil.copy(source, d / "paged_attention_cpu.cc")
+        shutil.copy(source, d / name)
         shutil.copy(ROOT / "pallas_kernels" / "cpu_kernels.h", d / "cpu_kernels.h")
-        target = f"jpaged_attention_ab_{i}"
-        if not load_kernel(d / "paged_attention_cpu.cc", {target: "JpagedPagedAttention"}, d):
+        target = f"jpaged_ab_{Path(name).stem}_{i}"
+        if not load_kernel(d / name, {target: symbol}, d):
             raise SystemExit(f"{source}: the build failed")
         targets.append(target)
     return targets

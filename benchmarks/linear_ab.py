@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -28,24 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from attention_ab import build  # noqa: E402
 from linear_cpu import LAYERS, QKV_GU, D, F  # noqa: E402
 
 from pallas_kernels import linear_cpu  # noqa: E402
-from pallas_kernels.cpu_build import load_kernel  # noqa: E402
-
-
-def build(sources: list[str], tmp: Path) -> list[str]:
-    targets = []
-    for i, source in enumerate(sources):
-        d = tmp / f"v{i}"
-        d.mkdir()
-        shutil.copy(source, d / "linear_cpu.cc")
-        shutil.copy(ROOT / "pallas_kernels" / "cpu_kernels.h", d / "cpu_kernels.h")
-        target = f"jpaged_linear_ab_{i}"
-        if not load_kernel(d / "linear_cpu.cc", {target: "JpagedLinearAmx"}, d):
-            raise SystemExit(f"{source}: the build failed")
-        targets.append(target)
-    return targets
 
 
 def make(target: str):  # noqa: ANN201
@@ -74,7 +59,7 @@ def main() -> None:
     p_in = linear_cpu.pack(jax.random.normal(key, (LAYERS, D, QKV_GU), jnp.bfloat16) * 0.02)
     p_out = linear_cpu.pack(jax.random.normal(key, (LAYERS, F, D), jnp.bfloat16) * 0.02)
     with tempfile.TemporaryDirectory() as tmp:
-        fns = [make(t) for t in build(args.sources, Path(tmp))]
+        fns = [make(t) for t in build(args.sources, Path(tmp), "linear_cpu.cc", "JpagedLinearAmx")]
         for m in (int(r) for r in args.rows.split(",")):
             x = jax.random.normal(key, (m, D), jnp.bfloat16)
             sums = [float(jnp.sum(fn(x, p_in, p_out).astype(jnp.float32))) for fn in fns]
