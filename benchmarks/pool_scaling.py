@@ -27,8 +27,8 @@ def decode_step_time(num_blocks: int, batch: int = 32, context: int = 200, reps:
 
     from jpaged.kv_pool import allocate_kv_pool
     from jpaged.model_runner import ModelRunner, StepSeq
-    from jpaged.sampler import SamplingRow
     from jpaged.sampling_params import SamplingParams
+    from jpaged.sampling_tensors import SamplingRow
     from jpaged.weights import iter_safetensors, load_model
     from models.llama import llama_from_hf_tensors
 

@@ -26,7 +26,8 @@ from attention_cpu import timed  # noqa: E402
 
 from jpaged import SamplingParams  # noqa: E402
 from jpaged.paths import kernels_cache_dir  # noqa: E402
-from jpaged.sampler import SamplingRow, build_sampling_tensors, sample  # noqa: E402
+from jpaged.sampler import sample  # noqa: E402
+from jpaged.sampling_tensors import SamplingRow, build_sampling_tensors  # noqa: E402
 from pallas_kernels import sampling_cpu  # noqa: E402
 
 

@@ -32,8 +32,8 @@ from typing import Any
 
 from jpaged.model_runner import NUM_TOP_LOGPROBS
 from jpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from jpaged.sampler import SamplingRow
 from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_tensors import SamplingRow
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Sequence as Seq
 from jpaged.sequence import next_seq_id

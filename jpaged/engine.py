@@ -25,8 +25,8 @@ from jpaged.malloc_tuning import tune_malloc
 from jpaged.model_runner import StepSeq, all_step_shapes
 from jpaged.outputs import Logprob, RequestMetrics, RequestOutput
 from jpaged.request import RequestState, SampleTrack
-from jpaged.sampler import SamplingRow
 from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_tensors import SamplingRow
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Sequence as Seq
 from jpaged.sequence import next_seq_id

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.paths import kernels_cache_dir
-from jpaged.sampler import SamplingRow, build_sampling_tensors, compute_logprobs, sample
+from jpaged.sampler import compute_logprobs, sample
+from jpaged.sampling_tensors import SamplingRow, build_sampling_tensors
 from models.llama import Llama, ModelBatch, llama_forward, unstack_layers
 from models.packed_linears import pack_linear_params
 from pallas_kernels import sampling_cpu

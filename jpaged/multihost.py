@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from jpaged.sampler import SamplingTensors
+from jpaged.sampling_tensors import SamplingTensors
 from models.llama import ModelBatch
 
 logger = logging.getLogger(__name__)

@@ -153,7 +153,7 @@ def rope_qkv(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """qkv [T, (H + 2 KV) E] bf16 -> (q [T, H, E], k [T, KV, E]) rotated, and v [T, KV, E].
 
-    cos, sin: [T, 1, E] or [T, E] f32 (models.llama.rope_tables). Equals models.llama's
+    cos, sin: [T, 1, E] or [T, E] f32 (models.rope.rope_tables). Equals models.rope's
     `apply_rope` with torch's bf16 rounding (cos / sin, both products and the sum each rounded
     to bf16). Raises ValueError where `rope_qkv_supported` is false or shapes do not match.
     """

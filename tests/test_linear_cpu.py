@@ -12,7 +12,8 @@ from jpaged.kv_pool import allocate_kv_pool
 from jpaged.model_runner import ModelRunner, StepSeq, step_shape
 from jpaged.paths import kernels_cache_dir
 from models.config import tiny_llama_config
-from models.llama import apply_rope, llama_forward, llama_from_hf_tensors, rope_tables
+from models.llama import llama_forward, llama_from_hf_tensors
+from models.rope import apply_rope, rope_tables
 from pallas_kernels import linear_cpu
 from tests.util import random_llama_tensors
 

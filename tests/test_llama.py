@@ -12,7 +12,8 @@ from jpaged.kv_pool import allocate_kv_pool
 from jpaged.model_runner import ModelRunner, StepSeq, step_shape
 from jpaged.weights import iter_safetensors, load_config
 from models.config import tiny_llama_config
-from models.llama import Llama, llama_from_hf_tensors, llama_to_hf_tensors, rope_inv_freq
+from models.llama import Llama, llama_from_hf_tensors, llama_to_hf_tensors
+from models.rope import rope_inv_freq
 from tests.util import run_ref_model, save_tiny_hf_dir
 
 

@@ -16,8 +16,8 @@ from jpaged import multihost
 from jpaged.config import EngineConfig
 from jpaged.engine import LLMEngine
 from jpaged.llm import LLM
-from jpaged.sampler import build_sampling_tensors
 from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_tensors import build_sampling_tensors
 from jpaged.tokenizer import Tokenizer
 from tests.multihost_check import tiny_setup
 from tests.util import ROOT
@@ -50,7 +50,7 @@ def test_distributed_options_from_env_and_errors(monkeypatch):
 def test_step_stream_round_trip():
     """What the follower decodes is exactly what process 0 sent (every leaf, dtype, shape)."""
     from jpaged.model_runner import ModelRunner, StepSeq, step_shape
-    from jpaged.sampler import SamplingRow
+    from jpaged.sampling_tensors import SamplingRow
 
     seqs = [StepSeq([5, 6, 7], 0, [1]), StepSeq([9], 4, [2, 3])]
     shape = step_shape(seqs, 2)

@@ -10,22 +10,16 @@ import numpy as np
 import pytest
 
 from jpaged import sampler
-from jpaged.sampler import (
-    SamplingRow,
-    apply_penalties,
-    build_sampling_tensors,
-    compute_logprobs,
-    sample,
-    sampling_weights,
-)
+from jpaged.sampler import apply_penalties, compute_logprobs, sample, sampling_weights
 from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_tensors import SamplingRow, SamplingTensors, build_sampling_tensors
 
 _sample = jax.jit(sample, static_argnums=2)
 _weights = jax.jit(sampling_weights)
 _penalties = jax.jit(apply_penalties)
 
 
-def tensors(rows: list[SamplingRow], num_rows: int | None = None) -> sampler.SamplingTensors:
+def tensors(rows: list[SamplingRow], num_rows: int | None = None) -> SamplingTensors:
     return build_sampling_tensors(rows, len(rows) if num_rows is None else num_rows)
 
 

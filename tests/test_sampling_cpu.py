@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from jpaged.paths import kernels_cache_dir
-from jpaged.sampler import SamplingRow, _argmax, build_sampling_tensors, compute_logprobs, sample
+from jpaged.sampler import _argmax, compute_logprobs, sample
 from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_tensors import SamplingRow, build_sampling_tensors
 from pallas_kernels import sampling_cpu
 
 pytestmark = pytest.mark.skipif(
