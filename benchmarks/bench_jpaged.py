@@ -34,6 +34,8 @@ def add_jpaged_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--linear-backend", default="auto", choices=["auto", "cpu", "xla"])
     parser.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=None,
                         help="default: the engine's")  # fmt: skip
+    parser.add_argument("--speculative-config", type=json.loads, default=None,
+                        help='JSON, e.g. {"method": "ngram", "num_speculative_tokens": 3}')  # fmt: skip
 
 
 def run_jpaged(args: argparse.Namespace, t_start: float) -> dict:
@@ -42,6 +44,8 @@ def run_jpaged(args: argparse.Namespace, t_start: float) -> dict:
     from jpaged.sampling_params import SamplingParams
 
     extra = {} if args.unroll_layers is None else {"unroll_layers": args.unroll_layers}
+    if args.speculative_config is not None:
+        extra["speculative_config"] = args.speculative_config
     llm = jpaged.LLM(dtype=args.dtype, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
                      max_num_batched_tokens=args.max_num_batched_tokens, warmup=args.warmup,
                      attention_backend=args.attention_backend,
@@ -92,6 +96,9 @@ def run_jpaged(args: argparse.Namespace, t_start: float) -> dict:
         "start_s": round(start_s, 2),
         "first_token_after_start_s": round(first_token_s, 3),
         "steps": stats.num_steps,
+        "speculative_config": args.speculative_config,
+        "spec_draft_tokens": stats.spec_draft_tokens,
+        "spec_accepted_tokens": stats.spec_accepted_tokens,
         "compilations_total": engine.runner.num_compilations,
         "compilations_during_w": engine.runner.num_compilations - compiles_before,
         "preemptions": stats.num_preemptions,

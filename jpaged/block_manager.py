@@ -213,6 +213,13 @@ class BlockManager:
             self._unref(block_id)
         seq.block_table.clear()
 
+    def trim(self, seq: Sequence) -> None:
+        """Drop seq's trailing blocks past those its computed tokens need (blocks taken for
+        a verify step's drafts that were rejected)."""
+        keep = self.blocks_for(seq.num_computed_tokens)
+        while len(seq.block_table) > keep:
+            self._unref(seq.block_table.pop())
+
     # -- checks ----------------------------------------------------------------------------
     def check_invariants(self, seqs: Iterable[Sequence]) -> None:
         """Raise AssertionError unless refs, free queue and hash table agree with seqs' tables.

@@ -47,6 +47,10 @@ class EngineConfig:
     linear_backend: str = "auto"
     tensor_parallel_size: int = 1  # devices one model replica is sharded over
     mesh: Any = None  # {"dp": D, "tp": T} or "dp=D,tp=T" (jpaged.mesh); None: dp=1
+    # vLLM's {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
+    # "prompt_lookup_min": 1}: prompt-lookup drafts for greedy requests (jpaged.speculative);
+    # parsed into a SpeculativeConfig. None: off
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
         def check(ok: bool, field: str, msg: str) -> None:
@@ -94,6 +98,9 @@ class EngineConfig:
             "must be an int >= 1",
         )
         self.mesh_shape()  # ValueError naming mesh / tensor_parallel_size
+        from jpaged.speculative import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
     def mesh_shape(self) -> tuple[int, int]:
         """(dp, tp) from `mesh` and `tensor_parallel_size`."""

@@ -22,7 +22,7 @@ from jpaged.engine_setup import (
     tp_mesh,
 )
 from jpaged.malloc_tuning import tune_malloc
-from jpaged.model_runner import StepSeq, all_step_shapes
+from jpaged.model_runner import StepSeq, all_step_shapes, verify_step_shapes, verify_tile_size
 from jpaged.outputs import Logprob, RequestMetrics, RequestOutput
 from jpaged.request import RequestState, SampleTrack
 from jpaged.sampling_params import SamplingParams
@@ -30,6 +30,7 @@ from jpaged.sampling_tensors import SamplingRow
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Sequence as Seq
 from jpaged.sequence import next_seq_id
+from jpaged.speculative import NgramProposer, num_accepted, speculates
 from jpaged.tokenizer import Tokenizer
 from models.config import LlamaConfig
 from models.llama import Llama
@@ -53,6 +54,8 @@ class EngineStats:
     prefix_cache_hits: int = 0  # of which found
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    spec_draft_tokens: int = 0  # speculative tokens verified (cumulative)
+    spec_accepted_tokens: int = 0  # of which kept
     load_time_s: float = 0.0
     warmup_time_s: float = 0.0
 
@@ -103,6 +106,10 @@ class LLMEngine:
         self._seq_request: dict[int, tuple[RequestState, SampleTrack]] = {}
         self._rng = random.Random(config.seed)
         self.beam_search = BeamSearcher(self.scheduler, tokenizer, self.eos_token_ids)
+        spec = config.speculative_config
+        self.proposer = NgramProposer(spec) if spec is not None else None
+        self.num_speculative_tokens = spec.num_speculative_tokens if spec is not None else 0
+        self.runner.verify_tile = verify_tile_size(self.num_speculative_tokens)
         self.stats = EngineStats(num_blocks=num_blocks, block_size=config.block_size)
         self.stats.load_time_s = time.perf_counter() - t0
         logger.info(
@@ -118,9 +125,11 @@ class LLMEngine:
     def warmup(self, which: str) -> None:
         """Compile the step shapes `which` names: none, decode or all."""
         if which != "none":
-            shapes = all_step_shapes(self.config.max_num_seqs, self.max_num_batched_tokens)
-            if which == "decode":
-                shapes = [s for s in shapes if s.tile_size == 1]
+            args = (self.config.max_num_seqs, self.max_num_batched_tokens)
+            shapes = all_step_shapes(*args, self.num_speculative_tokens)
+            if which == "decode":  # with the verify steps of speculative decoding
+                verify = verify_step_shapes(*args, self.num_speculative_tokens)
+                shapes = [s for s in shapes if s.tile_size == 1] + verify
             self.stats.warmup_time_s = self.runner.warmup(shapes)
             logger.info("compiled %d step shapes in %.2fs", len(shapes), self.stats.warmup_time_s)
         self._update_stats()
@@ -270,17 +279,23 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns the (cumulative) output of every request it touched."""
+        if self.proposer is not None:
+            self._propose_drafts()
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
         self.beam_search.note_preempted(out.preempted_seq_ids)
-        seqs, rows, row_seq, row_ids, prompt_rows, prompt_owner = [], [], [], [], [], []
+        seqs, rows, row_seq, row_ids, row_back = [], [], [], [], []
+        prompt_rows, prompt_owner = [], []
         for i, s in enumerate(out.scheduled):
             seqs.append(StepSeq(s.token_ids, s.start_position, s.block_table))
             for sid in s.sample_seq_ids:
-                rows.append(self._sampling_row(sid))
-                row_seq.append(i)
-                row_ids.append(sid)
+                row = self._sampling_row(sid)
+                for j in range(s.num_draft + 1):  # after the last token, then after each draft
+                    rows.append(row if j == 0 else dataclasses.replace(row, step=row.step + j))
+                    row_seq.append(i)
+                    row_ids.append(sid)
+                    row_back.append(s.num_draft - j)
             entry = self._seq_request.get(s.seq_id)
             if entry is not None and entry[0].prompt_logprobs is not None and entry[1].index == 0:
                 state = entry[0]
@@ -290,17 +305,21 @@ class LLMEngine:
                 for p in range(first, last):
                     prompt_rows.append((i, p - s.start_position, state.prompt_token_ids[p + 1]))
                     prompt_owner.append(state)
-        result = self.runner.execute(seqs, rows, row_seq, out.block_copies, prompt_rows=prompt_rows)
+        result = self.runner.execute(
+            seqs, rows, row_seq, out.block_copies, prompt_rows=prompt_rows,
+            row_back=row_back if any(row_back) else (),  # drafts: a verify step
+        )  # fmt: skip
         if prompt_rows:
             self._record_prompt_logprobs(result.prompt_logprobs, prompt_rows, prompt_owner)
-        self.scheduler.postprocess(out, dict(zip(row_ids, result.token_ids, strict=True)))
-        beam_rows = [(r, sid) for r, sid in enumerate(row_ids) if sid not in self._seq_request]
+        sampled, accepted, emitted = self._accept(out, result.token_ids)
+        self.scheduler.postprocess(out, sampled, accepted)
+        beam_rows = [(r, sid) for r, sid in emitted if sid not in self._seq_request]
         beam_outputs, num_beam_tokens = self.beam_search.process(beam_rows, result)
         self.stats.generation_tokens += num_beam_tokens
         touched: dict[str, RequestState] = {}
-        for r, sid in enumerate(row_ids):
+        for r, sid in emitted:
             if sid not in self._seq_request:
-                continue  # a beam's
+                continue  # a beam's, or a sample that stopped at an earlier token of this step
             state, track = self._seq_request[sid]
             top = (
                 self._logprob_dict(result, r, state.params.logprobs)
@@ -318,6 +337,47 @@ class LLMEngine:
                 del self.requests[state.request_id]
         self._update_stats()
         return [s.to_output() for s in touched.values()] + beam_outputs
+
+    def _propose_drafts(self) -> None:
+        """Give each greedy decoding seq its n-gram drafts for the next step, when that step
+        decodes only (a prefill chunk with drafts would need shapes outside the warm-up set)."""
+        running = self.scheduler.running
+        assert self.proposer is not None
+        self.proposer.retain(s.seq_id for s in running)
+        if self.scheduler.waiting or any(
+            s.num_computed_tokens != s.num_tokens - 1 for s in running
+        ):
+            return
+        for seq in running:
+            entry = self._seq_request.get(seq.seq_id)
+            if entry is None or not speculates(entry[0].params):
+                continue  # beams, sampling, penalties, logprobs
+            state, track = entry
+            limit = state.max_tokens - len(track.token_ids) - 1  # the last new token is sampled
+            seq.draft_token_ids = self.proposer.propose(seq.seq_id, seq.token_ids, limit)
+
+    def _accept(
+        self, out: Any, token_ids: list[int]
+    ) -> tuple[dict[int, int], dict[int, list[int]], list[tuple[int, int]]]:
+        """Per seq: the sampled token, the drafts kept before it, and the (row, seq id) of
+        every token this step yields, in order (rows follow `step`'s layout)."""
+        sampled: dict[int, int] = {}
+        accepted: dict[int, list[int]] = {}
+        emitted: list[tuple[int, int]] = []
+        r = 0
+        for s in out.scheduled:
+            for sid in s.sample_seq_ids:
+                got = token_ids[r : r + s.num_draft + 1]
+                a = 0
+                if s.num_draft:
+                    a = num_accepted(s.token_ids[len(s.token_ids) - s.num_draft :], got)
+                    accepted[sid] = got[:a]
+                    self.stats.spec_draft_tokens += s.num_draft
+                    self.stats.spec_accepted_tokens += a
+                sampled[sid] = got[a]
+                emitted += [(r + j, sid) for j in range(a + 1)]
+                r += s.num_draft + 1
+        return sampled, accepted, emitted
 
     def _sampling_row(self, seq_id: int) -> SamplingRow:
         seq = self.scheduler.get_seq(seq_id)

@@ -76,25 +76,38 @@ class PromptLogprobs:
     top_logprobs: np.ndarray  # [P, NUM_TOP_LOGPROBS]
 
 
-def step_shape(seqs: Sequence[StepSeq], num_rows: int) -> StepShape:
-    """The bucketed shape of a step; the one function that decides padding."""
+def step_shape(seqs: Sequence[StepSeq], num_rows: int, verify_tile: int = 0) -> StepShape:
+    """The bucketed shape of a step; the one function that decides padding.
+
+    verify_tile: a verify step (drafts, a sampling row per token): tiles of at least this
+    many slots and R = T, so these steps take few shapes.
+    """
     lens = [len(s.token_ids) for s in seqs]
-    tile = min(bucket(max(lens)), PREFILL_TILE)
+    tile = max(min(bucket(max(lens)), PREFILL_TILE), verify_tile)
     num_tiles = bucket(sum(-(-n // tile) for n in lens))
+    num_tokens = bucket(sum(lens), MIN_TOKEN_BUCKET)
     return StepShape(
-        num_tokens=bucket(sum(lens), MIN_TOKEN_BUCKET),
+        num_tokens=num_tokens,
         num_tiles=num_tiles,
         tile_size=tile,
-        num_rows=max(num_tiles, bucket(num_rows)),
+        num_rows=num_tokens if verify_tile else max(num_tiles, bucket(num_rows)),
     )
 
 
-def all_step_shapes(max_num_seqs: int, max_num_batched_tokens: int) -> list[StepShape]:
-    """Every shape `step_shape` can return for single-sample rows (the warm-up set).
+def verify_tile_size(num_speculative_tokens: int) -> int:
+    """Query slots per tile in verify steps: one tile holds a chunk of k + 1 tokens."""
+    return min(bucket(num_speculative_tokens + 1), PREFILL_TILE)
+
+
+def all_step_shapes(
+    max_num_seqs: int, max_num_batched_tokens: int, num_speculative_tokens: int = 0
+) -> list[StepShape]:
+    """Every shape `step_shape` can return for single-sample rows (the warm-up set), with
+    the verify steps of speculative decoding (a row per token) when num_speculative_tokens.
 
     A superset where the exact set is awkward to state: it may hold a few unused shapes.
     """
-    shapes = set()
+    shapes = set(verify_step_shapes(max_num_seqs, max_num_batched_tokens, num_speculative_tokens))
     for n_tok in range(1, max_num_batched_tokens + 1):
         t = bucket(n_tok, MIN_TOKEN_BUCKET)
         if n_tok <= max_num_seqs:  # pure decode: one tile per sequence
@@ -111,6 +124,22 @@ def all_step_shapes(max_num_seqs: int, max_num_batched_tokens: int) -> list[Step
                     shapes.add(StepShape(t, g, q, g))
                     g *= 2
             q *= 2
+    return sorted(shapes, key=lambda s: (s.num_tokens, s.tile_size, s.num_tiles))
+
+
+def verify_step_shapes(
+    max_num_seqs: int, max_num_batched_tokens: int, num_speculative_tokens: int
+) -> list[StepShape]:
+    """The shapes `step_shape` gives verify steps: decodes whose chunks carry up to
+    num_speculative_tokens drafts, one tile each (none when 0)."""
+    shapes = set()
+    q = verify_tile_size(num_speculative_tokens)
+    g = 1
+    while num_speculative_tokens and g <= bucket(max_num_seqs):
+        for n_tok in range(g // 2 + 1, min(g * q, max_num_batched_tokens) + 1):
+            t = bucket(n_tok, MIN_TOKEN_BUCKET)
+            shapes.add(StepShape(t, g, q, t))
+        g *= 2
     return sorted(shapes, key=lambda s: (s.num_tokens, s.tile_size, s.num_tiles))
 
 
@@ -154,6 +183,7 @@ class ModelRunner:
             shardings = {"out_shardings": (kv_pool.sharding, replicated, replicated)}
         self._step = jax.jit(self._step_fn, static_argnums=(6,), donate_argnums=(1,), **shardings)
         self.num_steps = 0
+        self.verify_tile = 1  # the engine sets verify_tile_size(k) when it speculates
         # multi-host: process 0 hands every step's host inputs to this (jpaged.multihost)
         self.step_listener: Callable[[tuple], None] | None = None
 
@@ -181,9 +211,15 @@ class ModelRunner:
         return kv_pool, sampled, prompt_out
 
     def build_batch(
-        self, seqs: Sequence[StepSeq], row_seq: Sequence[int], shape: StepShape
+        self,
+        seqs: Sequence[StepSeq],
+        row_seq: Sequence[int],
+        shape: StepShape,
+        row_back: Sequence[int] = (),
     ) -> ModelBatch:
-        """Pad a step into numpy arrays of `shape` (host side, O(tokens) numpy work)."""
+        """Pad a step into numpy arrays of `shape` (host side, O(tokens) numpy work).
+        Row i takes the logits of token len - 1 - row_back[i] of seqs[row_seq[i]] (default
+        its last)."""
         n = len(seqs)
         T, G, Q, R = shape.num_tokens, shape.num_tiles, shape.tile_size, shape.num_rows
         lens = np.fromiter((len(s.token_ids) for s in seqs), np.int32, n)
@@ -219,6 +255,8 @@ class ModelRunner:
         q_positions[tok_tile, tok_slot] = positions
         logits_index = np.zeros(R, np.int32)
         logits_index[: len(row_seq)] = (offsets + lens - 1)[np.asarray(row_seq, np.int64)]
+        if len(row_back):
+            logits_index[: len(row_seq)] -= np.asarray(row_back, np.int32)
         return ModelBatch(
             token_ids=padded(token_ids, T),
             positions=padded(positions, T),
@@ -240,14 +278,16 @@ class ModelRunner:
         block_copies: Sequence[tuple[int, int]] = (),
         shape: StepShape | None = None,
         prompt_rows: Sequence[tuple[int, int, int]] = (),
+        row_back: Sequence[int] = (),
     ) -> ModelRunnerOutput:
-        """Run one step. rows[i] samples from the last token of seqs[row_seq[i]].
+        """Run one step. rows[i] samples from the last token of seqs[row_seq[i]], or with
+        row_back, from the token row_back[i] before it (a verify step's drafts).
 
         prompt_rows: (seq index, token index in its chunk, next prompt token id) for each
         prompt position whose logprob is wanted; results in `prompt_logprobs`.
         """
-        shape = shape or step_shape(seqs, len(rows))
-        batch = self.build_batch(seqs, row_seq, shape)
+        shape = shape or step_shape(seqs, len(rows), self.verify_tile if len(row_back) else 0)
+        batch = self.build_batch(seqs, row_seq, shape, row_back)
         copies = np.zeros((bucket(len(block_copies)) if block_copies else 0, 2), np.int32)
         if block_copies:
             copies[: len(block_copies)] = block_copies

@@ -9,7 +9,9 @@ first, so every decode is older than any unfinished prefill and is never starved
 (max_num_seqs is capped at max_num_batched_tokens).
 
 Contract with the engine: take parents' seq ids from jpaged.sequence.next_seq_id() (forks
-take theirs there too) and set Sequence.max_tokens so admission can check the pool. Per
+take theirs there too) and set Sequence.max_tokens so admission can check the pool. A
+decoding seq's draft_token_ids (speculative tokens) join its one-token chunk when blocks
+and budget allow; the engine samples after each and passes the drafts it keeps. Per
 step: schedule() -> run the model (block copies first) -> postprocess(out, sampled) ->
 stop checks -> finish_seq() for every finished sequence, including any that reached
 max_model_len tokens (schedule() raises rather than let a sequence grow past it).
@@ -33,6 +35,7 @@ class ScheduledSeq:
     # the end of token_ids, [seq_id] normally, [parent, child1, ...] when a parent with n > 1
     # completes its prompt this step.
     sample_seq_ids: list[int]
+    num_draft: int = 0  # trailing speculative tokens in token_ids (their argmaxes verify them)
 
 
 @dataclass(slots=True)
@@ -226,7 +229,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while (seq_copies := bm.allocate_for(seq, num_new)) is None:
+            drafts = self._fit_drafts(seq, num_new, budget, len(self.running) - i - 1)
+            seq_copies = bm.allocate_for(seq, num_new + len(drafts)) if drafts else None
+            if seq_copies is None:
+                drafts = []  # drafts never cost a preemption
+            while seq_copies is None and (seq_copies := bm.allocate_for(seq, num_new)) is None:
                 victim = self.running.pop()  # the newest; index >= i, so not yet scheduled
                 self._preempt(victim)
                 preempted.append(victim.seq_id)
@@ -235,8 +242,8 @@ class Scheduler:
             if seq_copies is None:
                 break
             copies += seq_copies
-            scheduled.append(self._schedule_seq(seq, num_new, forks))
-            budget -= num_new
+            scheduled.append(self._schedule_seq(seq, num_new, forks, drafts))
+            budget -= num_new + len(drafts)
             i += 1
         if not preempted:  # out of blocks: admitting now would only thrash
             slots = sum(s.n for s in self.running) + len(forks)  # a parent counts as n
@@ -256,6 +263,8 @@ class Scheduler:
                 slots += seq.n
                 scheduled.append(self._schedule_seq(seq, num_new, forks))
                 budget -= num_new
+        for seq in self.running:
+            seq.draft_token_ids = []
         self.running += forks
         scheduled.sort(key=lambda s: not (len(s.token_ids) == 1 and s.sample_seq_ids))  # stable
         return SchedulerOutput(
@@ -265,16 +274,35 @@ class Scheduler:
             preempted_seq_ids=preempted,
         )
 
-    def postprocess(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
+    def postprocess(
+        self,
+        out: SchedulerOutput,
+        sampled: dict[int, int],
+        accepted: dict[int, list[int]] | None = None,
+    ) -> None:
         """Advance every scheduled seq's num_computed_tokens; append sampled[id] to each
         seq in sample_seq_ids. Seqs finished since schedule() are skipped.
 
-        Raises ValueError if sampled lacks a token for a live seq in sample_seq_ids.
+        accepted[id]: the leading drafts kept of a seq scheduled with drafts (default none);
+        they are appended before sampled[id], and the blocks of the rest are given back.
+        Raises ValueError if sampled lacks a token for a live seq in sample_seq_ids, or
+        accepted is not a prefix of the drafts.
         """
+        accepted = accepted or {}
         for s in out.scheduled:
             num_computed = s.start_position + len(s.token_ids)
             seq = self._seqs.get(s.seq_id)
-            if seq is not None:
+            if s.num_draft and seq is not None:
+                kept = accepted.get(s.seq_id, [])
+                drafts = s.token_ids[len(s.token_ids) - s.num_draft :]
+                if kept != drafts[: len(kept)]:
+                    raise ValueError(f"accepted tokens of seq {s.seq_id} are not its drafts")
+                num_computed -= s.num_draft - len(kept)
+                seq.token_ids += kept
+                seq.num_computed_tokens = num_computed
+                self.block_manager.trim(seq)
+                self.block_manager.cache_full_blocks(seq, s.start_position)
+            elif seq is not None:
                 seq.num_computed_tokens = num_computed
                 self.block_manager.cache_full_blocks(seq, s.start_position)
             for sample_id in s.sample_seq_ids:
@@ -291,7 +319,21 @@ class Scheduler:
         self._seqs[seq.seq_id] = seq
         self._request_seqs.setdefault(seq.request_id, []).append(seq.seq_id)
 
-    def _schedule_seq(self, seq: Sequence, num_new: int, forks: list[Sequence]) -> ScheduledSeq:
+    def _fit_drafts(self, seq: Sequence, num_new: int, budget: int, others: int) -> list[int]:
+        """The drafts of seq that fit: only after a decode's one token, within the budget,
+        with room under max_model_len for the token sampled after the last draft, and with
+        a block (plus one to copy) left for each of the `others` seqs still to schedule."""
+        if not seq.draft_token_ids or num_new != 1 or seq.num_computed_tokens != seq.num_tokens - 1:
+            return []
+        room = min(budget - 1, self.max_model_len - seq.num_tokens - 1)
+        drafts = seq.draft_token_ids[: max(room, 0)]
+        bm = self.block_manager
+        extra = bm.blocks_for(seq.num_tokens + len(drafts)) - bm.blocks_for(seq.num_tokens)
+        return drafts if bm.can_allocate(extra + 2 * (others + 1)) else []
+
+    def _schedule_seq(
+        self, seq: Sequence, num_new: int, forks: list[Sequence], drafts: list[int] = ()
+    ) -> ScheduledSeq:
         """Describe seq's chunk (blocks already allocated); fork its samples if it completes."""
         start = seq.num_computed_tokens
         end = start + num_new
@@ -311,10 +353,11 @@ class Scheduler:
             seq.n = 1
         return ScheduledSeq(
             seq_id=seq.seq_id,
-            token_ids=seq.token_ids[start:end],
+            token_ids=seq.token_ids[start:end] + list(drafts),
             start_position=start,
             block_table=list(seq.block_table),
             sample_seq_ids=sample_seq_ids,
+            num_draft=len(drafts),
         )
 
     def _preempt(self, seq: Sequence) -> None:

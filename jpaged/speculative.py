@@ -1,0 +1,132 @@
+"""N-gram speculative decoding (prompt lookup), greedy requests only.
+
+Each decode step, a greedy sequence whose last n tokens (n = prompt_lookup_max down to
+prompt_lookup_min) occurred earlier in its prompt or output proposes the up to k tokens that
+followed that earlier occurrence (the most recent one). The step computes the last token
+and the k drafts together, as a short chunk, and takes the argmax after each of them; the
+drafts are kept up to the first that differs from the argmax before it, and that argmax
+follows them. So a step yields 1 to k + 1 tokens, and each is the token plain greedy
+decoding gives: every row of a step is computed as it would be alone (the kernels work row
+by row, and a query sees exactly its causal context), so outputs are bit-identical with
+speculation on or off. The rejected drafts' K/V slots are given back or overwritten later.
+
+A step reads the weights and every context's K/V once for up to k + 1 tokens a sequence,
+which is where a CPU decode step's time goes; drafts that miss cost matmul rows only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from jpaged.sampling_params import SamplingParams
+
+MAX_SPECULATIVE_TOKENS = 15  # a verify chunk is at most 16 tokens
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """vLLM's `speculative_config` for method "ngram"."""
+
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+
+    @classmethod
+    def parse(cls, value: Any) -> SpeculativeConfig | None:
+        """From None, a SpeculativeConfig, or a dict like vLLM's; ValueError naming the key."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict or None, got {value!r}")
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        if unknown := sorted(set(value) - known):
+            raise ValueError(f"speculative_config: unknown keys {unknown}; known: {sorted(known)}")
+        if value.get("method", "ngram") != "ngram":
+            raise ValueError(
+                f"speculative_config.method must be 'ngram', got {value.get('method')!r}"
+            )
+
+        def get_int(key: str, default: int | None, low: int, high: int) -> int:
+            v = value.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                raise ValueError(
+                    f"speculative_config.{key} must be an int in {low}..{high}, got {v!r}"
+                )
+            return v
+
+        k = get_int("num_speculative_tokens", None, 1, MAX_SPECULATIVE_TOKENS)
+        hi = get_int("prompt_lookup_max", 4, 1, 64)
+        lo = get_int("prompt_lookup_min", 1, 1, hi)
+        return cls(num_speculative_tokens=k, prompt_lookup_max=hi, prompt_lookup_min=lo)
+
+
+def speculates(params: SamplingParams) -> bool:
+    """Whether a request's samples may take drafts: greedy, n = 1, no penalties, no logprobs."""
+    return (
+        params.is_greedy
+        and params.n == 1
+        and params.logprobs is None
+        and not params.presence_penalty
+        and not params.frequency_penalty
+        and params.repetition_penalty == 1.0
+    )
+
+
+class _NgramIndex:
+    """For n = 1..max_n, the end position of the latest occurrence of each n-gram of a
+    token list, over occurrences ending at or before `upto` (grown as the list grows)."""
+
+    __slots__ = ("ends", "upto")
+
+    def __init__(self, max_n: int) -> None:
+        self.ends: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_n + 1)]
+        self.upto = 0
+
+    def extend(self, tokens: Sequence[int], upto: int) -> None:
+        for end in range(self.upto + 1, upto + 1):
+            for n in range(1, min(len(self.ends) - 1, end) + 1):
+                self.ends[n][tuple(tokens[end - n : end])] = end
+        self.upto = max(self.upto, upto)
+
+
+class NgramProposer:
+    """Drafts for each sequence from its own tokens (see the module doc)."""
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.config = config
+        self._index: dict[int, _NgramIndex] = {}
+
+    def propose(self, seq_id: int, tokens: Sequence[int], limit: int) -> list[int]:
+        """Up to min(k, limit) tokens that followed the latest earlier occurrence of the
+        longest matching suffix of `tokens`; [] when none matches."""
+        c = self.config
+        limit = min(limit, c.num_speculative_tokens)
+        length = len(tokens)
+        if limit <= 0 or length < 2:
+            return []
+        index = self._index.get(seq_id)
+        if index is None:
+            index = self._index[seq_id] = _NgramIndex(c.prompt_lookup_max)
+        index.extend(tokens, length - 1)  # occurrences ending before the suffix's end
+        for n in range(min(c.prompt_lookup_max, length - 1), c.prompt_lookup_min - 1, -1):
+            end = index.ends[n].get(tuple(tokens[length - n :]))
+            if end is not None:
+                return list(tokens[end : end + limit])
+        return []
+
+    def retain(self, seq_ids: Iterable[int]) -> None:
+        """Forget every sequence not in seq_ids (finished or aborted ones)."""
+        keep = set(seq_ids)
+        for seq_id in [s for s in self._index if s not in keep]:
+            del self._index[seq_id]
+
+
+def num_accepted(drafts: Sequence[int], sampled: Sequence[int]) -> int:
+    """How many leading drafts equal the argmax before them: sampled[j] follows the chunk's
+    token j (the last token, then the drafts), so draft j is kept iff sampled[j] == drafts[j]."""
+    a = 0
+    while a < len(drafts) and sampled[a] == drafts[a]:
+        a += 1
+    return a
