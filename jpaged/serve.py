@@ -10,6 +10,7 @@ abort the rest and exit with status 0.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -50,6 +51,16 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 _METAVARS = {int: "N", float: "X"}
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention: auto = pallas on GPU; on CPU the C++ kernel (cpu) where a compiler "
              "builds it, else xla; pallas off a GPU is interpreted (slow)")  # fmt: skip
     add("--seed", type=int, default=0, help="seed for requests that give none")
+    add("--speculative-config", type=_json_object, default=None, metavar="JSON",
+        help='n-gram speculative decoding for greedy requests, vLLM\'s form: '
+             '\'{"method": "ngram", "num_speculative_tokens": 3}\' (optional '
+             'prompt_lookup_max, prompt_lookup_min); default: off')  # fmt: skip
     add("--chat-template", default=None,
         help="Jinja chat template, a file path or the template text (default: the model's)")  # fmt: skip
     add("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
@@ -181,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching,
             attention_backend=args.attention_backend, seed=args.seed, warmup=args.warmup,
-            quantization=args.quantization,
+            quantization=args.quantization, speculative_config=args.speculative_config,
         )  # fmt: skip
         chat_template = load_chat_template(args.chat_template)
         if config.mesh_shape()[0] > 1:

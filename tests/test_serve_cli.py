@@ -22,7 +22,7 @@ FLAGS = ["--tensor-parallel-size", "--mesh", "--coordinator-address", "--dtype",
          "--num-blocks", "--enable-prefix-caching", "--no-enable-prefix-caching",
          "--quantization", "--attention-backend", "--seed", "--chat-template",
          "--max-queued-requests", "--served-model-name", "--host", "--port", "--api-key",
-         "--model"]  # fmt: skip
+         "--model", "--speculative-config"]  # fmt: skip
 
 
 def serve(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -46,6 +46,8 @@ def test_help_lists_every_flag():
         (["--num-processes", "2"], "needs coordinator_address"),
         (["--max-model-len", "lots"], "not a size"),
         (["--attention-backend", "cuda"], "invalid choice"),
+        (["--speculative-config", "{ngram"], "not JSON"),
+        (["--speculative-config", '{"method": "ngram"}'], "num_speculative_tokens"),
     ],
 )
 def test_bad_flags_exit_2(args, words):
