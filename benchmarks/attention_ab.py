@@ -7,7 +7,8 @@ Each source is built (with pallas_kernels/cpu_kernels.h) into its own directory 
 under its own FFI target, so all versions run in the same process on the same pool. The
 workload: SmolLM2-shaped decode attention (benchmarks/attention_cpu.py's `decode_batch`: 9 q
 heads, 3 kv heads, head_dim 64, block_size 16) for 30 layers under a `lax.scan`, B sequences
-with contexts ~U(100, 499) on shuffled pages. Rounds alternate between the versions
+with contexts ~U(100, 499) on shuffled pages; with --q-len Q, each tile holds its sequence's
+last Q positions (a verify step's chunk, or a short prefill chunk). Rounds alternate between the versions
 (`attention_cpu.timed`); prints one JSON line per version (min / median ms, K/V GB/s read,
 and a checksum of the outputs).
 """
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--q-len", type=int, default=1, help="query slots per tile")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     rng = np.random.default_rng(0)
@@ -80,8 +82,13 @@ def main() -> None:
     batch = decode_batch(rng, args.batch, 499, num_blocks, BLOCK, dtype, min_context=100)
     shape = (NUM_LAYERS, num_blocks, 2, BLOCK, NUM_KV_HEADS, HEAD_DIM)
     pool = jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype)
-    q = batch["q"]
-    args_of_call = [jnp.asarray(batch[k]) for k in ("block_tables", "seq_lens", "q_positions")]
+    q_len = args.q_len
+    q = jnp.asarray(
+        rng.standard_normal((args.batch, q_len, *batch["q"].shape[2:]), np.float32), dtype
+    )
+    q_positions = batch["seq_lens"][:, None] - q_len + np.arange(q_len, dtype=np.int32)[None, :]
+    args_of_call = [jnp.asarray(batch["block_tables"]), jnp.asarray(batch["seq_lens"]),
+                    jnp.asarray(q_positions)]  # fmt: skip
 
     def make(target: str):  # noqa: ANN202
         call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, dtype))
@@ -106,6 +113,7 @@ def main() -> None:
     for source, ms in times.items():
         print(json.dumps({
             "bench": "attention_ab", "source": source, "batch": args.batch, "dtype": args.dtype,
+            "q_len": q_len,
             **summary(ms), "kv_gb_s": round(kv_bytes / min(ms) / 1e6, 1),
             "checksum": checks[source], "cmd": cmd,
         }))  # fmt: skip
