@@ -228,13 +228,19 @@ void panels_f32(const ProblemF32& p, int64_t begin, int64_t end) {
 
 #endif  // __AVX512F__
 
-// Runs fn(begin, end) over num_items panels on XLA's intra-op pool, each worker a contiguous
-// run of panels (one memory stream, prefetched ahead).
+// Runs fn(begin, end) over num_items panels on XLA's intra-op pool, in runs of contiguous
+// panels (one memory stream each, prefetched ahead) that the workers claim as they go: a pool
+// thread wakes tens of microseconds after the call starts, and with one fixed half each the
+// caller then waited for it (M = 64: 26.7 vs 20.4 ms for 30 layers, same process).
 template <typename Fn>
 void parallel_panels(ffi::ThreadPool& thread_pool, int64_t num_items, Fn fn) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(thread_pool.num_threads(), num_items));
-  jpaged::run_workers(thread_pool, workers, [&](int64_t w) {
-    fn(num_items * w / workers, num_items * (w + 1) / workers);
+  const int64_t run = std::max<int64_t>(1, num_items / (4 * workers));
+  std::atomic<int64_t> next{0};
+  jpaged::run_workers(thread_pool, workers, [&](int64_t) {
+    for (int64_t b = next.fetch_add(run); b < num_items; b = next.fetch_add(run)) {
+      fn(b, std::min(num_items, b + run));
+    }
   });
 }
 
