@@ -82,7 +82,7 @@ def run_jpaged(args: argparse.Namespace, t_start: float) -> dict:
     stats = engine.stats
     return {
         "engine": "jpaged",
-        "mode": "continuous",
+        "mode": "continuous+ngram" if args.speculative_config else "continuous",
         "dtype": args.dtype,
         "block_size": args.block_size,
         "attention_backend": engine.runner.attention_backend,

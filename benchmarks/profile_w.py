@@ -56,7 +56,8 @@ def run_w(args: argparse.Namespace) -> dict:
     import jpaged
     from jpaged.sampling_params import SamplingParams
 
-    llm = jpaged.LLM(dtype=args.dtype, warmup="decode", linear_backend=args.linear_backend)
+    extra = {"speculative_config": args.speculative_config} if args.speculative_config else {}
+    llm = jpaged.LLM(dtype=args.dtype, warmup="decode", linear_backend=args.linear_backend, **extra)
     runner = llm.engine.runner
     prompts, out_lens = workload_w(args.num_requests)
     params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for n in out_lens]
@@ -67,7 +68,9 @@ def run_w(args: argparse.Namespace) -> dict:
     def timed_execute(seqs, *a, **k):  # noqa: ANN001, ANN202
         t0 = time.perf_counter()
         out = execute(seqs, *a, **k)
-        kind = "decode" if all(len(s.token_ids) == 1 for s in seqs) else "prefill"
+        # decode: one token a sequence, or a verify step's chunks (a row per token)
+        decode = all(len(s.token_ids) == 1 for s in seqs) or len(k.get("row_back", ()))
+        kind = "decode" if decode else "prefill"
         device[kind] += time.perf_counter() - t0
         device[kind + "_steps"] += 1
         return out
@@ -116,6 +119,8 @@ def perf_split(args: argparse.Namespace) -> dict | None:
         os.mkfifo(ctl)
         cmd = [sys.executable, __file__, "--dtype", args.dtype, "--num-requests",
                str(args.num_requests), "--no-perf"]  # fmt: skip
+        if args.speculative_config:
+            cmd += ["--speculative-config", json.dumps(args.speculative_config)]
         env = {**os.environ, "JPAGED_PERF_CTL": str(ctl)}
         rec = subprocess.run(  # starts disabled (-D -1); the child enables it around W
             [perf, "record", "-F", "499", "-D", "-1", f"--control=fifo:{ctl}", "-o", str(data),
@@ -147,6 +152,8 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--no-perf", action="store_true", help="skip the perf-sampled re-run")
     parser.add_argument("--linear-backend", default="auto", choices=["auto", "cpu", "xla"])
+    parser.add_argument("--speculative-config", type=json.loads, default=None,
+                        help='JSON, e.g. {"method": "ngram", "num_speculative_tokens": 3}')  # fmt: skip
     args = parser.parse_args()
     print(json.dumps(run_w(args)), flush=True)
     if not args.no_perf:

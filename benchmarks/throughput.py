@@ -8,7 +8,11 @@ mix): jpaged in this python (benchmarks/bench_jpaged.py), vLLM in .venv-vllm
 (benchmarks/ref_vllm.py, `make vllm`; or $JPAGED_VLLM_PYTHON), transformers static batching in
 .venv-ref (benchmarks/ref_hf_static.py, `make ref`; or $JPAGED_REF_PYTHON). Prints one JSON
 line per engine and dtype, then one with the throughput ratios (jpaged ÷ each peer, per dtype)
-and one with greedy token agreement over W's first 8 requests (agreement.py).
+and one with greedy token agreement over W's first 8 requests (agreement.py). jpaged also runs
+a second time with n-gram speculative decoding (--jpaged-ngram K drafts; 0: not), mode
+"continuous+ngram": its ratios are keyed jpaged_ngram/..., and its outputs must equal plain
+jpaged's (`jpaged_ngram_<dtype> vs jpaged_<dtype>`). vLLM runs as it comes (its CPU backend
+has no speculative decoding).
 """
 
 from __future__ import annotations
@@ -44,14 +48,18 @@ def worker_commands(engine: str, dtype: str, args: argparse.Namespace) -> list[l
     """The subprocess command lines that run `engine` on W in `dtype` (one per configuration)."""
     n = str(args.num_requests)
     if engine == "jpaged":
-        return [[sys.executable, str(BENCH / "bench_jpaged.py"), "--dtype", dtype,
+        plain = [sys.executable, str(BENCH / "bench_jpaged.py"), "--dtype", dtype,
                  "--num-requests", n, "--max-num-seqs", str(args.max_num_seqs),
                  "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                  "--block-size", str(args.block_size), "--warmup", args.warmup,
                  "--attention-backend", args.attention_backend,
                  "--kv-cache-dtype", args.kv_cache_dtype,
                  *([] if args.unroll_layers is None else
-                   ["--unroll-layers" if args.unroll_layers else "--no-unroll-layers"])]]  # fmt: skip
+                   ["--unroll-layers" if args.unroll_layers else "--no-unroll-layers"])]  # fmt: skip
+        if not args.jpaged_ngram:
+            return [plain]
+        spec = {"method": "ngram", "num_speculative_tokens": args.jpaged_ngram}
+        return [plain, [*plain, "--speculative-config", json.dumps(spec)]]
     if engine == "vllm":
         from jpaged.weights import resolve_model
 
@@ -94,13 +102,15 @@ def ratios(results: list[dict]) -> dict:
     out: dict[str, dict[str, float]] = {}
     for dtype in DTYPES:
         rows = [r for r in results if r["dtype"] == dtype and "output_tok_s" in r]
-        jp = next((r["output_tok_s"] for r in rows if r["engine"] == "jpaged"), None)
-        if jp is None:
-            continue
-        for r in rows:
-            if r["engine"] != "jpaged":
-                key = "jpaged/vllm" if r["engine"] == "vllm" else f"jpaged/hf_{r['mode']}"
-                out.setdefault(dtype, {})[key] = round(jp / r["output_tok_s"], 2)
+        for mode, name in (("continuous", "jpaged"), ("continuous+ngram", "jpaged_ngram")):
+            jp = next((r["output_tok_s"] for r in rows
+                       if r["engine"] == "jpaged" and r["mode"] == mode), None)  # fmt: skip
+            if jp is None:
+                continue
+            for r in rows:
+                if r["engine"] != "jpaged":
+                    peer = "vllm" if r["engine"] == "vllm" else f"hf_{r['mode']}"
+                    out.setdefault(dtype, {})[f"{name}/{peer}"] = round(jp / r["output_tok_s"], 2)
     return out
 
 
@@ -111,7 +121,11 @@ def agreements(results: list[dict]) -> dict:
     jp = {d: done.get(("jpaged", "continuous", d)) for d in DTYPES}
     out = {}
     for (engine, mode, dtype), r in done.items():
-        name = engine if engine != "transformers" else f"hf_{mode}"
+        name = {"transformers": f"hf_{mode}", "jpaged": "jpaged"}.get(engine, engine)
+        if mode == "continuous+ngram":
+            name = "jpaged_ngram"
+            if jp[dtype]:
+                out[f"jpaged_ngram_{dtype} vs jpaged_{dtype}"] = pair(r, jp[dtype])
         if engine != "jpaged" and jp[dtype]:
             out[f"jpaged_{dtype} vs {name}_{dtype}"] = pair(jp[dtype], r)
         f32 = done.get((engine, mode, "float32"))
@@ -150,6 +164,8 @@ def main() -> None:
     parser.add_argument("--vllm-threads-bind", default="all")
     parser.add_argument("--vllm-openmp", default="gomp", choices=["gomp", "iomp"])
     parser.add_argument("--worker-timeout-s", type=float, default=900)
+    parser.add_argument("--jpaged-ngram", type=int, default=3,
+                        help="also run jpaged with this many n-gram drafts (0: do not)")  # fmt: skip
     parser.add_argument("--raw-out", type=Path, help="also write each worker's full line here")
     add_jpaged_args(parser)
     args = parser.parse_args()

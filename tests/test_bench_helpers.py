@@ -58,3 +58,26 @@ def test_vllm_requirements_drop_torch_extras_and_optional_extras():
         'torch==2.13.0+cpu; platform_machine == "x86_64"',
         "mistral_common[image]>=1.11.6",
     ]
+
+
+def test_throughput_ratios_and_agreement_keep_ngram_apart():
+    from throughput import agreements, ratios
+
+    def line(engine, mode, dtype, tok_s, outs):
+        return {"engine": engine, "mode": mode, "dtype": dtype, "output_tok_s": tok_s,
+                **output_record(outs)}  # fmt: skip
+
+    outs, other = [[1, 2, 3]], [[1, 2, 4]]
+    results = [
+        line("jpaged", "continuous", "float32", 200.0, outs),
+        line("jpaged", "continuous+ngram", "float32", 300.0, outs),
+        line("vllm", "continuous", "float32", 100.0, outs),
+        line("jpaged", "continuous", "bfloat16", 400.0, other),
+        line("jpaged", "continuous+ngram", "bfloat16", 500.0, outs),
+    ]
+    assert ratios(results) == {"float32": {"jpaged/vllm": 2.0, "jpaged_ngram/vllm": 3.0}}
+    got = agreements(results)
+    assert got["jpaged_ngram_float32 vs jpaged_float32"]["all_requests_identical"]
+    assert not got["jpaged_ngram_bfloat16 vs jpaged_bfloat16"]["all_requests_identical"]
+    assert not got["jpaged_bfloat16 vs jpaged_float32"]["all_requests_identical"]  # plain's
+    assert got["jpaged_ngram_bfloat16 vs jpaged_ngram_float32"]["all_requests_identical"]
