@@ -23,14 +23,14 @@ from jpaged.engine_setup import (
 )
 from jpaged.malloc_tuning import tune_malloc
 from jpaged.model_runner import StepSeq, all_step_shapes, verify_step_shapes, verify_tile_size
-from jpaged.outputs import Logprob, RequestMetrics, RequestOutput
+from jpaged.outputs import Logprob, RequestMetrics, RequestOutput, logprob_entry
 from jpaged.request import RequestState, SampleTrack
 from jpaged.sampling_params import SamplingParams
 from jpaged.sampling_tensors import SamplingRow
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Sequence as Seq
 from jpaged.sequence import next_seq_id
-from jpaged.speculative import NgramProposer, num_accepted, speculates
+from jpaged.speculative import NgramProposer, propose_drafts, speculates, step_tokens
 from jpaged.tokenizer import Tokenizer
 from models.config import LlamaConfig
 from models.llama import Llama
@@ -280,7 +280,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns the (cumulative) output of every request it touched."""
         if self.proposer is not None:
-            self._propose_drafts()
+            propose_drafts(self.proposer, self.scheduler, self._draft_limit)
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
@@ -298,21 +298,22 @@ class LLMEngine:
                     row_back.append(s.num_draft - j)
             entry = self._seq_request.get(s.seq_id)
             if entry is not None and entry[0].prompt_logprobs is not None and entry[1].index == 0:
-                state = entry[0]
-                # logits at position p score prompt token p + 1; skip ones already recorded
-                first = max(s.start_position, len(state.prompt_logprobs) - 1)
-                last = min(s.start_position + len(s.token_ids), len(state.prompt_token_ids) - 1)
-                for p in range(first, last):
-                    prompt_rows.append((i, p - s.start_position, state.prompt_token_ids[p + 1]))
-                    prompt_owner.append(state)
+                for offset, next_id in entry[0].prompt_logprob_rows(
+                    s.start_position, len(s.token_ids)
+                ):
+                    prompt_rows.append((i, offset, next_id))
+                    prompt_owner.append(entry[0])
         result = self.runner.execute(
             seqs, rows, row_seq, out.block_copies, prompt_rows=prompt_rows,
             row_back=row_back if any(row_back) else (),  # drafts: a verify step
         )  # fmt: skip
         if prompt_rows:
             self._record_prompt_logprobs(result.prompt_logprobs, prompt_rows, prompt_owner)
-        sampled, accepted, emitted = self._accept(out, result.token_ids)
-        self.scheduler.postprocess(out, sampled, accepted)
+        tokens = step_tokens(out.scheduled, result.token_ids)
+        self.stats.spec_draft_tokens += tokens.num_drafts
+        self.stats.spec_accepted_tokens += tokens.num_kept
+        self.scheduler.postprocess(out, tokens.sampled, tokens.accepted)
+        emitted = tokens.emitted
         beam_rows = [(r, sid) for r, sid in emitted if sid not in self._seq_request]
         beam_outputs, num_beam_tokens = self.beam_search.process(beam_rows, result)
         self.stats.generation_tokens += num_beam_tokens
@@ -338,46 +339,14 @@ class LLMEngine:
         self._update_stats()
         return [s.to_output() for s in touched.values()] + beam_outputs
 
-    def _propose_drafts(self) -> None:
-        """Give each greedy decoding seq its n-gram drafts for the next step, when that step
-        decodes only (a prefill chunk with drafts would need shapes outside the warm-up set)."""
-        running = self.scheduler.running
-        assert self.proposer is not None
-        self.proposer.retain(s.seq_id for s in running)
-        if self.scheduler.waiting or any(
-            s.num_computed_tokens != s.num_tokens - 1 for s in running
-        ):
-            return
-        for seq in running:
-            entry = self._seq_request.get(seq.seq_id)
-            if entry is None or not speculates(entry[0].params):
-                continue  # beams, sampling, penalties, logprobs
-            state, track = entry
-            limit = state.max_tokens - len(track.token_ids) - 1  # the last new token is sampled
-            seq.draft_token_ids = self.proposer.propose(seq.seq_id, seq.token_ids, limit)
-
-    def _accept(
-        self, out: Any, token_ids: list[int]
-    ) -> tuple[dict[int, int], dict[int, list[int]], list[tuple[int, int]]]:
-        """Per seq: the sampled token, the drafts kept before it, and the (row, seq id) of
-        every token this step yields, in order (rows follow `step`'s layout)."""
-        sampled: dict[int, int] = {}
-        accepted: dict[int, list[int]] = {}
-        emitted: list[tuple[int, int]] = []
-        r = 0
-        for s in out.scheduled:
-            for sid in s.sample_seq_ids:
-                got = token_ids[r : r + s.num_draft + 1]
-                a = 0
-                if s.num_draft:
-                    a = num_accepted(s.token_ids[len(s.token_ids) - s.num_draft :], got)
-                    accepted[sid] = got[:a]
-                    self.stats.spec_draft_tokens += s.num_draft
-                    self.stats.spec_accepted_tokens += a
-                sampled[sid] = got[a]
-                emitted += [(r + j, sid) for j in range(a + 1)]
-                r += s.num_draft + 1
-        return sampled, accepted, emitted
+    def _draft_limit(self, seq: Seq) -> int:
+        """Most drafts seq may take: 0 unless its request speculates (greedy, n = 1, ...);
+        none past max_tokens, as the token after the last draft is sampled."""
+        entry = self._seq_request.get(seq.seq_id)
+        if entry is None or not speculates(entry[0].params):
+            return 0  # beams, sampling, penalties, logprobs
+        state, track = entry
+        return state.max_tokens - len(track.token_ids) - 1
 
     def _sampling_row(self, seq_id: int) -> SamplingRow:
         seq = self.scheduler.get_seq(seq_id)
@@ -398,35 +367,21 @@ class LLMEngine:
             eos_token_ids=() if p.ignore_eos else self._eos_ids,
         )
 
-    def _logprob_entry(
-        self, token_id: int, logprob: float, rank: int, top_ids: Any, top_lps: Any, k: int
-    ) -> dict[int, Logprob]:
-        """vLLM's per-position dict: the top-k tokens (rank 1..k) plus the actual token."""
-        decode = self.tokenizer.decode
-        entry = {
-            int(t): Logprob(float(v), r + 1, decode([int(t)], skip_special_tokens=False))
-            for r, (t, v) in enumerate(zip(top_ids[:k], top_lps[:k], strict=True))
-        }
-        if token_id not in entry:
-            entry[token_id] = Logprob(
-                float(logprob), int(rank), decode([token_id], skip_special_tokens=False)
-            )
-        return entry
-
     def _logprob_dict(self, result: Any, row: int, k: int | None) -> dict[int, Logprob]:
         top_ids = result.top_token_ids[row] if result.top_token_ids is not None else ()
         top_lps = result.top_logprobs[row] if result.top_logprobs is not None else ()
-        return self._logprob_entry(
-            result.token_ids[row], result.logprobs[row], result.ranks[row], top_ids, top_lps, k or 0
-        )
+        return logprob_entry(
+            self.tokenizer.decode, result.token_ids[row], result.logprobs[row], result.ranks[row],
+            top_ids, top_lps, k or 0,
+        )  # fmt: skip
 
     def _record_prompt_logprobs(
         self, lp: Any, prompt_rows: list, owners: list[RequestState]
     ) -> None:
         for r, ((_, _, next_id), state) in enumerate(zip(prompt_rows, owners, strict=True)):
-            entry = self._logprob_entry(
-                next_id, lp.logprobs[r], lp.ranks[r], lp.top_token_ids[r], lp.top_logprobs[r],
-                state.params.prompt_logprobs or 0,
+            entry = logprob_entry(
+                self.tokenizer.decode, next_id, lp.logprobs[r], lp.ranks[r],
+                lp.top_token_ids[r], lp.top_logprobs[r], state.params.prompt_logprobs or 0,
             )  # fmt: skip
             state.prompt_logprobs.append(entry)
 

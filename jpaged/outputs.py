@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -84,3 +86,20 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int | None = None
+
+
+def logprob_entry(
+    decode: Callable[..., str], token_id: int, logprob: float, rank: int, top_ids: Any,
+    top_lps: Any, k: int,
+) -> dict[int, Logprob]:  # fmt: skip
+    """vLLM's per-position dict: the top-k tokens (rank 1..k) plus the actual token.
+    `decode`: the tokenizer's decode(ids, skip_special_tokens=...)."""
+    entry = {
+        int(t): Logprob(float(v), r + 1, decode([int(t)], skip_special_tokens=False))
+        for r, (t, v) in enumerate(zip(top_ids[:k], top_lps[:k], strict=True))
+    }
+    if token_id not in entry:
+        entry[token_id] = Logprob(
+            float(logprob), int(rank), decode([token_id], skip_special_tokens=False)
+        )
+    return entry

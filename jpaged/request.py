@@ -65,6 +65,15 @@ class RequestState:
             metrics=self.metrics,
         )
 
+    def prompt_logprob_rows(self, start: int, num_tokens: int) -> list[tuple[int, int]]:
+        """(offset in the chunk, next prompt token) for each position of the chunk
+        [start, start + num_tokens) whose prompt logprob is still to record: logits at
+        position p score prompt token p + 1."""
+        assert self.prompt_logprobs is not None
+        first = max(start, len(self.prompt_logprobs) - 1)
+        last = min(start + num_tokens, len(self.prompt_token_ids) - 1)
+        return [(p - start, self.prompt_token_ids[p + 1]) for p in range(first, last)]
+
     def append_token(
         self, track: SampleTrack, token_id: int, logprob: float, top: dict[int, Logprob] | None
     ) -> bool:

@@ -364,6 +364,7 @@ class Scheduler:
         """Recompute preemption: drop seq's K/V and requeue it at the head of waiting."""
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -17,10 +17,12 @@ which is where a CPU decode step's time goes; drafts that miss cost matmul rows 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from jpaged.sampling_params import SamplingParams
+from jpaged.scheduler import ScheduledSeq, Scheduler
+from jpaged.sequence import Sequence as Seq
 
 MAX_SPECULATIVE_TOKENS = 15  # a verify chunk is at most 16 tokens
 
@@ -130,3 +132,50 @@ def num_accepted(drafts: Sequence[int], sampled: Sequence[int]) -> int:
     while a < len(drafts) and sampled[a] == drafts[a]:
         a += 1
     return a
+
+
+def propose_drafts(
+    proposer: NgramProposer, scheduler: Scheduler, limit_of: Callable[[Seq], int]
+) -> None:
+    """Set each running seq's draft_token_ids for the next step (at most limit_of(seq)),
+    when that step only decodes: a prefill chunk beside drafts would need step shapes
+    outside the warm-up set, so with any waiting or mid-prefill seq nobody drafts."""
+    running = scheduler.running
+    proposer.retain(s.seq_id for s in running)
+    if scheduler.waiting or any(s.num_computed_tokens != s.num_tokens - 1 for s in running):
+        return
+    for seq in running:
+        limit = limit_of(seq)
+        if limit > 0:
+            seq.draft_token_ids = proposer.propose(seq.seq_id, seq.token_ids, limit)
+
+
+@dataclasses.dataclass(slots=True)
+class StepTokens:
+    """What one step yields, from its sampled rows (a row per sample, and one per draft)."""
+
+    sampled: dict[int, int]  # seq id -> the token sampled after its last kept token
+    accepted: dict[int, list[int]]  # seq id -> the drafts kept (seqs that had drafts)
+    emitted: list[tuple[int, int]]  # (row, seq id) of every token yielded, in order
+    num_drafts: int = 0
+    num_kept: int = 0
+
+
+def step_tokens(scheduled: Sequence[ScheduledSeq], token_ids: Sequence[int]) -> StepTokens:
+    """Split a step's sampled ids (rows laid out as LLMEngine.step builds them: for each
+    scheduled seq and each of its sample seqs, num_draft + 1 rows) into StepTokens."""
+    out = StepTokens({}, {}, [])
+    r = 0
+    for s in scheduled:
+        for sid in s.sample_seq_ids:
+            got = list(token_ids[r : r + s.num_draft + 1])
+            a = 0
+            if s.num_draft:
+                a = num_accepted(s.token_ids[len(s.token_ids) - s.num_draft :], got)
+                out.accepted[sid] = got[:a]
+                out.num_drafts += s.num_draft
+                out.num_kept += a
+            out.sampled[sid] = got[a]
+            out.emitted += [(r + j, sid) for j in range(a + 1)]
+            r += s.num_draft + 1
+    return out

@@ -75,6 +75,10 @@ class _EngineCollector(Collector):
                       stats.num_preemptions)  # fmt: skip
         yield counter("prompt_tokens", "Prompt tokens of accepted requests.", stats.prompt_tokens)
         yield counter("generation_tokens", "Generated tokens.", stats.generation_tokens)
+        yield counter("spec_decode_num_draft_tokens", "Speculative (n-gram) tokens verified.",
+                      stats.spec_draft_tokens)  # fmt: skip
+        yield counter("spec_decode_num_accepted_tokens", "Speculative tokens kept.",
+                      stats.spec_accepted_tokens)  # fmt: skip
         success = CounterMetricFamily(
             PREFIX + "request_success",
             "Finished requests by finish reason.",

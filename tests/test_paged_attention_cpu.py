@@ -128,3 +128,29 @@ def test_uninitialized_pool(dtype, monkeypatch):
     monkeypatch.delitem(cpu_build._loaded, str(paged_attention_cpu.SOURCE))  # as if not built
     with pytest.raises(RuntimeError, match="not loaded"):
         paged_attention_cpu.uninitialized(shape, jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize(("bs", "kv", "g", "q_len"), [(16, 3, 3, 4), (8, 2, 1, 8), (16, 1, 4, 2)])
+def test_multi_query_tiles_equal_single_query_tiles_bitwise(dtype, bs, kv, g, q_len):
+    """A query's output does not depend on how many queries share its tile: a verify step's
+    4-token tile gives the bits of 4 decode steps (bf16 on AMX: the all-rows softmax for many
+    rows, the per-row one for few), which speculative decoding's exactness rests on."""
+    rng = np.random.default_rng(bs + kv + g + q_len)
+    num_seqs, d, width = 6, 64, 40
+    num_blocks = num_seqs * width + 1
+    pool = rng.standard_normal((2, num_blocks, 2, bs, kv, d)).astype(np.float32)
+    tables = (1 + rng.permutation(num_blocks - 1)[: num_seqs * width]).reshape(num_seqs, width)
+    seq_lens = rng.integers(q_len, width * bs, num_seqs).astype(np.int32)
+    seq_lens[0] = q_len  # a chunk that is its whole context
+    q = rng.standard_normal((num_seqs, q_len, kv * g, d)).astype(np.float32)
+    q_pos = (seq_lens[:, None] - q_len + np.arange(q_len)[None, :]).astype(np.int32)
+    dt = jnp.dtype(dtype)
+    pool, q = jnp.asarray(pool, dt), jnp.asarray(q, dt)
+    together = kernel(q, pool, LAYER, tables, seq_lens, q_pos, scale=0.125)
+    alone = kernel(
+        q.reshape(num_seqs * q_len, 1, kv * g, d), pool, LAYER, np.repeat(tables, q_len, axis=0),
+        np.repeat(seq_lens, q_len), q_pos.reshape(-1, 1), scale=0.125,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(together, np.float32).reshape(-1),
+                                  np.asarray(alone, np.float32).reshape(-1))  # fmt: skip

@@ -194,7 +194,8 @@ def test_metrics_move(server, client):
                  "jpaged:kv_cache_blocks_in_use", "jpaged:prefix_cache_hit_rate",
                  "jpaged:num_preemptions_total", "jpaged:time_to_first_token_seconds_count",
                  "jpaged:inter_token_latency_seconds_count",
-                 "jpaged:e2e_request_latency_seconds_count"):  # fmt: skip
+                 "jpaged:e2e_request_latency_seconds_count",
+                 "jpaged:spec_decode_num_draft_tokens_total"):  # fmt: skip
         metric(before, name)
     complete(client, "metrics please", max_tokens=5)
     after = httpx.get(server.url + "/metrics").text
