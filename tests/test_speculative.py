@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from jpaged.config import EngineConfig
-from jpaged.engine import LLMEngine
 from jpaged.llm import LLM
 from jpaged.model_runner import StepSeq, step_shape, verify_step_shapes, verify_tile_size
 from jpaged.sampling_params import SamplingParams
@@ -17,6 +16,7 @@ from jpaged.speculative import NgramProposer, SpeculativeConfig, num_accepted, s
 from jpaged.tokenizer import Tokenizer
 from models.config import tiny_llama_config
 from models.llama import llama_from_hf_tensors
+from tests.test_engine import make_llm
 from tests.util import random_llama_tensors
 
 VOCAB = 96  # a small vocabulary: greedy outputs of a random model soon repeat (drafts hit)
@@ -133,13 +133,6 @@ def tiny_model():
 @pytest.fixture(scope="module")
 def tokenizer(default_model_dir):
     return Tokenizer.from_dir(default_model_dir)
-
-
-def make_llm(model, tokenizer, **options) -> LLM:
-    options.setdefault("num_blocks", 256)
-    options.setdefault("max_model_len", 512)
-    options.setdefault("warmup", "none")
-    return LLM.from_engine(LLMEngine(EngineConfig(**options), model=model, tokenizer=tokenizer))
 
 
 def repetitive_workload(n: int, seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
