@@ -313,12 +313,11 @@ class LLMEngine:
         self.stats.spec_draft_tokens += tokens.num_drafts
         self.stats.spec_accepted_tokens += tokens.num_kept
         self.scheduler.postprocess(out, tokens.sampled, tokens.accepted)
-        emitted = tokens.emitted
-        beam_rows = [(r, sid) for r, sid in emitted if sid not in self._seq_request]
+        beam_rows = [(r, sid) for r, sid in tokens.emitted if sid not in self._seq_request]
         beam_outputs, num_beam_tokens = self.beam_search.process(beam_rows, result)
         self.stats.generation_tokens += num_beam_tokens
         touched: dict[str, RequestState] = {}
-        for r, sid in emitted:
+        for r, sid in tokens.emitted:
             if sid not in self._seq_request:
                 continue  # a beam's, or a sample that stopped at an earlier token of this step
             state, track = self._seq_request[sid]

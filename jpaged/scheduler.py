@@ -263,8 +263,6 @@ class Scheduler:
                 slots += seq.n
                 scheduled.append(self._schedule_seq(seq, num_new, forks))
                 budget -= num_new
-        for seq in self.running:
-            seq.draft_token_ids = []
         self.running += forks
         scheduled.sort(key=lambda s: not (len(s.token_ids) == 1 and s.sample_seq_ids))  # stable
         return SchedulerOutput(
@@ -323,10 +321,11 @@ class Scheduler:
         """The drafts of seq that fit: only after a decode's one token, within the budget,
         with room under max_model_len for the token sampled after the last draft, and with
         a block (plus one to copy) left for each of the `others` seqs still to schedule."""
-        if not seq.draft_token_ids or num_new != 1 or seq.num_computed_tokens != seq.num_tokens - 1:
+        drafts, seq.draft_token_ids = seq.draft_token_ids, []  # consumed, used or not
+        if not drafts or num_new != 1 or seq.num_computed_tokens != seq.num_tokens - 1:
             return []
         room = min(budget - 1, self.max_model_len - seq.num_tokens - 1)
-        drafts = seq.draft_token_ids[: max(room, 0)]
+        drafts = drafts[: max(room, 0)]
         bm = self.block_manager
         extra = bm.blocks_for(seq.num_tokens + len(drafts)) - bm.blocks_for(seq.num_tokens)
         return drafts if bm.can_allocate(extra + 2 * (others + 1)) else []
@@ -364,7 +363,6 @@ class Scheduler:
         """Recompute preemption: drop seq's K/V and requeue it at the head of waiting."""
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
-        seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

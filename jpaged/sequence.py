@@ -42,8 +42,9 @@ class Sequence:
     # Chained prefix-cache hashes of the leading full blocks of token_ids, filled lazily by
     # the block manager. Content-only, so they stay valid across preemption and forks.
     block_hashes: list[bytes] = field(default_factory=list)
-    # Speculative tokens for the next step (set by the engine, consumed by schedule()): they
-    # follow the last token in its chunk; postprocess keeps those the model agrees with.
+    # Speculative tokens for the next step (set by the engine, taken by schedule() whether it
+    # uses them or not): they follow the last token in its chunk; postprocess keeps those the
+    # model agrees with.
     draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -139,17 +139,19 @@ def num_accepted(drafts: Sequence[int], sampled: Sequence[int]) -> int:
 def propose_drafts(
     proposer: NgramProposer, scheduler: Scheduler, limit_of: Callable[[Seq], int]
 ) -> None:
-    """Set each running seq's draft_token_ids for the next step (at most limit_of(seq)),
-    when that step only decodes: a prefill chunk beside drafts would need step shapes
+    """Set every running seq's draft_token_ids for the next step (at most limit_of(seq)),
+    [] unless that step only decodes: a prefill chunk beside drafts would need step shapes
     outside the warm-up set, so with any waiting or mid-prefill seq nobody drafts."""
     running = scheduler.running
     proposer.retain(s.seq_id for s in running)
-    if scheduler.waiting or any(s.num_computed_tokens != s.num_tokens - 1 for s in running):
-        return
+    decode_only = not scheduler.waiting and all(
+        s.num_computed_tokens == s.num_tokens - 1 for s in running
+    )
     for seq in running:
-        limit = limit_of(seq)
-        if limit > 0:
-            seq.draft_token_ids = proposer.propose(seq.seq_id, seq.token_ids, limit)
+        limit = limit_of(seq) if decode_only else 0
+        seq.draft_token_ids = (
+            proposer.propose(seq.seq_id, seq.token_ids, limit) if limit > 0 else []
+        )
 
 
 @dataclasses.dataclass(slots=True)

@@ -118,19 +118,16 @@ def decoder_layer(
     cos, sin = rope
     qe, ke = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-    rotated = None  # (q, k, v) with RoPE applied, where one kernel did the split and RoPE
-    if packed is None:
-        q, k, v = linear(h, w, "wq"), linear(h, w, "wk"), linear(h, w, "wv")
+    qkv = None if packed is None else linear_cpu(h, packed["qkv"], layer_idx, n=qe + 2 * ke)
+    if qkv is not None and not c.attention_bias and rope_qkv_supported(qkv.dtype, c.head_dim):
+        # one kernel splits q | k | v and applies RoPE
+        heads = {"num_heads": c.num_attention_heads, "num_kv_heads": c.num_key_value_heads}
+        q, k, v = rope_qkv(qkv, cos, sin, **heads)
     else:
-        qkv = linear_cpu(h, packed["qkv"], layer_idx, n=qe + 2 * ke)
-        if not c.attention_bias and rope_qkv_supported(qkv.dtype, c.head_dim):
-            heads = {"num_heads": c.num_attention_heads, "num_kv_heads": c.num_key_value_heads}
-            rotated = rope_qkv(qkv, cos, sin, **heads)
+        if qkv is None:
+            q, k, v = linear(h, w, "wq"), linear(h, w, "wk"), linear(h, w, "wv")
         else:
             q, k, v = jnp.split(qkv, [qe, qe + ke], axis=-1)
-    if rotated is not None:
-        q, k, v = rotated
-    else:
         if c.attention_bias:
             q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
         q = apply_rope(q.reshape(num_tokens, -1, c.head_dim), cos, sin)

@@ -477,17 +477,17 @@ const AmxConstants& amx_constants() {
   return k;
 }
 
-// The hi part of 32 probabilities (two vectors) as bf16, and what rounding left out.
-inline void split_bf16(__m512 p0, __m512 p1, uint16_t* hi_row, uint16_t* lo_row) {
-  const __m512bh hi = _mm512_cvtne2ps_pbh(p1, p0);  // words 0..15 = p0, 16..31 = p1
-  const __m512i bits = reinterpret_cast<const __m512i&>(hi);
+// The hi part of two vectors of probabilities as bf16 (words 0..15 = p0, 16..31 = p1), and
+// what rounding left out, the same way. Both softmax paths split through this.
+inline void split_bf16(__m512 p0, __m512 p1, __m512i& hi, __m512i& lo) {
+  const __m512bh h = _mm512_cvtne2ps_pbh(p1, p0);
+  hi = reinterpret_cast<const __m512i&>(h);
   const __m512 lo0 = _mm512_sub_ps(
-      p0, _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_castsi512_si256(bits))));
+      p0, _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_castsi512_si256(hi))));
   const __m512 lo1 = _mm512_sub_ps(
-      p1, _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_extracti64x4_epi64(bits, 1))));
-  const __m512bh lo = _mm512_cvtne2ps_pbh(lo1, lo0);
-  _mm512_store_si512(hi_row, bits);
-  _mm512_store_si512(lo_row, reinterpret_cast<const __m512i&>(lo));
+      p1, _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_extracti64x4_epi64(hi, 1))));
+  const __m512bh l = _mm512_cvtne2ps_pbh(lo1, lo0);
+  lo = reinterpret_cast<const __m512i&>(l);
 }
 
 // Rows of a row block from which the softmax runs on all 16 at once: 4-query tiles (12 rows)
@@ -562,15 +562,10 @@ void softmax_rows16(AmxScratch& w, int64_t k0, const int32_t* last, float* row_m
     const __m512 p1 = _mm512_maskz_mov_ps(vis[j + 1], exp16(_mm512_sub_ps(sv[j + 1], nm)));
     sv[j] = p0;
     sv[j + 1] = p1;
-    const __m512bh h = _mm512_cvtne2ps_pbh(p1, p0);  // words 0..15 = p0, 16..31 = p1
-    const __m512i hb = reinterpret_cast<const __m512i&>(h);
-    const __m512 l0 = _mm512_sub_ps(
-        p0, _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_castsi512_si256(hb))));
-    const __m512 l1 = _mm512_sub_ps(
-        p1, _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_extracti64x4_epi64(hb, 1))));
-    const __m512bh l = _mm512_cvtne2ps_pbh(l1, l0);
+    __m512i hb, lb;  // words 0..15 = key j's rows, 16..31 = key j + 1's
+    split_bf16(p0, p1, hb, lb);
     hi[j / 2] = _mm512_permutexvar_epi16(k.pair_words, hb);
-    lo[j / 2] = _mm512_permutexvar_epi16(k.pair_words, reinterpret_cast<const __m512i&>(l));
+    lo[j / 2] = _mm512_permutexvar_epi16(k.pair_words, lb);
   }
   // the row sums in _mm512_reduce_add_ps's order over (keys i, 16 + i): halves, quarters, ...
   for (int i = 0; i < 16; ++i) q[i] = _mm512_add_ps(sv[i], sv[16 + i]);
@@ -705,7 +700,10 @@ void attend_item_amx(const Problem& p, int64_t tile, int64_t kv_head, AmxScratch
         }
         denom[m] += _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
         // P = hi + lo, both bf16: P V then loses nothing to P's rounding (~2^-17 relative)
-        split_bf16(p0, p1, w.p[m], w.p_lo[m]);
+        __m512i hi, lo;
+        split_bf16(p0, p1, hi, lo);
+        _mm512_store_si512(w.p[m], hi);
+        _mm512_store_si512(w.p_lo[m], lo);
       }
       for (int64_t j = 0; j < kKeys; j += 2) {
         const uint16_t* rows2[2] = {nullptr, nullptr};

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,9 +15,7 @@ from jpaged.llm import LLM
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler
 from jpaged.tokenizer import Tokenizer
-from models.config import tiny_llama_config
-from models.llama import llama_from_hf_tensors
-from tests.util import random_llama_tensors
+from tests.util import tiny_random_llama
 
 EOS = 2
 
@@ -115,9 +112,7 @@ def test_params_name_the_bad_field(kwargs, field):
 
 @pytest.fixture(scope="module")
 def tiny():
-    config = tiny_llama_config(vocab_size=49152, hidden_size=64, intermediate_size=128, head_dim=16,
-                               num_attention_heads=4, num_key_value_heads=2, eos_token_id=EOS)  # fmt: skip
-    return llama_from_hf_tensors(config, random_llama_tensors(config, 3).items(), jnp.float32)
+    return tiny_random_llama(eos_token_id=EOS)
 
 
 def make_llm(model, tokenizer, **options) -> LLM:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,18 +10,14 @@ from jpaged.engine import LLMEngine
 from jpaged.llm import LLM
 from jpaged.sampling_params import SamplingParams
 from jpaged.tokenizer import Tokenizer
-from models.config import tiny_llama_config
-from models.llama import llama_from_hf_tensors
-from tests.util import random_llama_tensors
+from tests.util import tiny_random_llama
 
 VOCAB = 49152  # SmolLM2's tokenizer, so outputs detokenize
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    config = tiny_llama_config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, head_dim=16,
-                               num_attention_heads=4, num_key_value_heads=2, eos_token_id=2)  # fmt: skip
-    return llama_from_hf_tensors(config, random_llama_tensors(config, 3).items(), jnp.float32)
+    return tiny_random_llama(VOCAB)
 
 
 @pytest.fixture(scope="module")

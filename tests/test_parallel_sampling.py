@@ -3,7 +3,6 @@ n samples read one copy of the prompt's blocks (exact block-manager counts)."""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,9 +11,7 @@ from jpaged.engine import LLMEngine
 from jpaged.llm import LLM
 from jpaged.sampling_params import SamplingParams
 from jpaged.tokenizer import Tokenizer
-from models.config import tiny_llama_config
-from models.llama import llama_from_hf_tensors
-from tests.util import random_llama_tensors
+from tests.util import tiny_random_llama
 
 PROMPT = list(range(300, 321))  # 21 tokens: 2 full blocks + 5 tokens of a third at size 8
 N4 = SamplingParams(n=4, temperature=1.0, top_p=0.95, seed=7, max_tokens=8, ignore_eos=True)
@@ -22,9 +19,7 @@ N4 = SamplingParams(n=4, temperature=1.0, top_p=0.95, seed=7, max_tokens=8, igno
 
 @pytest.fixture(scope="module")
 def llm(default_model_dir):
-    config = tiny_llama_config(vocab_size=49152, hidden_size=64, intermediate_size=128, head_dim=16,
-                               num_attention_heads=4, num_key_value_heads=2, eos_token_id=2)  # fmt: skip
-    model = llama_from_hf_tensors(config, random_llama_tensors(config, 3).items(), jnp.float32)
+    model = tiny_random_llama()
     engine = LLMEngine(EngineConfig(num_blocks=128, max_model_len=256, block_size=8),
                        model=model, tokenizer=Tokenizer.from_dir(default_model_dir))  # fmt: skip
     return LLM.from_engine(engine)

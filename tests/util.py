@@ -76,3 +76,17 @@ def save_tiny_hf_dir(path: Path, config: LlamaConfig, seed: int = 0) -> dict[str
     (path / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=1))
     save_file(tensors, str(path / "model.safetensors"))
     return tensors
+
+
+def tiny_random_llama(vocab_size: int = 49152, eos_token_id: int = 2, seed: int = 3):  # noqa: ANN201
+    """The engine tests' tiny random model (f32; SmolLM2's vocabulary size by default, so
+    outputs detokenize)."""
+    import jax.numpy as jnp
+
+    from models.config import tiny_llama_config
+    from models.llama import llama_from_hf_tensors
+
+    config = tiny_llama_config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                               head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                               eos_token_id=eos_token_id)  # fmt: skip
+    return llama_from_hf_tensors(config, random_llama_tensors(config, seed).items(), jnp.float32)
