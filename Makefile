@@ -51,7 +51,13 @@ $(VLLM)/.done:
 	$(VLLM)/bin/python -c 'import torch, vllm; assert torch.__version__ == "2.13.0+cpu", torch.__version__'
 	touch $@
 
-venv: $(VENV)/.done
+# The C++ CPU kernels, compiled for this machine ahead of the first start (else the first
+# process compiles them into the cache, ~12 CPU-s); no compiler only means XLA fallbacks.
+$(VENV)/.kernels: $(VENV)/.done pallas_kernels/*.cc pallas_kernels/*.h
+	$(VENV)/bin/python -m pallas_kernels.prebuild || echo "C++ kernels not prebuilt; see above"
+	touch $@
+
+venv: $(VENV)/.done $(VENV)/.kernels
 ref: $(REF)/.done
 vllm: $(VLLM)/.done
 

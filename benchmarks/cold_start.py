@@ -2,8 +2,10 @@
 
     .venv/bin/python benchmarks/cold_start.py
 
-Runs a child process twice against a fresh cache dir: the first run converts the GGUF and
-compiles (cold), the second finds both caches (warm). Prints one JSON line per run.
+Runs a child process against a fresh cache dir: the first run converts the GGUF and compiles
+(cold), the second finds both caches (warm). Both load the C++ kernels `make venv` prebuilt
+(`python -m pallas_kernels.prebuild`); a third run, "cold_kernel_builds", starts cold with no
+prebuilt kernels either, so it compiles them too. Prints one JSON line per run.
 """
 
 from __future__ import annotations
@@ -29,9 +31,16 @@ print(time.perf_counter() - t0)
 
 def main() -> None:
     cache = tempfile.mkdtemp(prefix="jpaged-coldstart-")
+    cold_cache = tempfile.mkdtemp(prefix="jpaged-coldstart-")
+    no_kernels = tempfile.mkdtemp(prefix="jpaged-no-kernels-")
+    runs = {
+        "cold": {"JPAGED_CACHE_DIR": cache},
+        "warm": {"JPAGED_CACHE_DIR": cache},
+        "cold_kernel_builds": {"JPAGED_CACHE_DIR": cold_cache, "JPAGED_KERNELS_DIR": no_kernels},
+    }
     try:
-        for run in ("cold", "warm"):
-            env = dict(os.environ, JPAGED_CACHE_DIR=cache)
+        for run, overrides in runs.items():
+            env = dict(os.environ, **overrides)
             t0 = __import__("time").perf_counter()
             out = subprocess.run(
                 [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True
@@ -42,7 +51,8 @@ def main() -> None:
                               "in_process_s": round(inner, 2), "cmd": ".venv/bin/python benchmarks/cold_start.py"}),
                   flush=True)  # fmt: skip
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        for path in (cache, cold_cache, no_kernels):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,24 @@ def default_gguf_path() -> Path:
     return path
 
 
+class GGUFReader(gguf.GGUFReader):
+    """`gguf.GGUFReader` over a plain ndarray view of its memory map.
+
+    The base reader slices its `np.memmap` once per metadata value, and each slice of a memmap
+    subclass pays for `memmap.__array_finalize__`: ~1 M of them for SmolLM2's 49k-token
+    vocabulary and merges, 5 s of a cold start. The view reads the same mapped bytes (it keeps
+    the map alive) and parses the same file in ~1.5 s.
+    """
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._plain_data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._plain_data = value.view(np.ndarray)
+
+
 def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     return default if field is None else field.contents()
@@ -283,7 +301,7 @@ def convert_gguf(gguf_path: Path | str, out_dir: Path | str) -> Path:
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
-    reader = gguf.GGUFReader(gguf_path)
+    reader = GGUFReader(gguf_path)
     config = hf_config_from_gguf(reader)
     tokenizer, tokenizer_config = build_tokenizer(reader)
     shapes = {

@@ -1,9 +1,11 @@
 """Build and register the C++ XLA FFI kernels of the CPU backends.
 
-Each kernel is one C++ source (plus the shared `cpu_kernels.h`) compiled on first use with the system compiler (`$CXX`, else
-`g++`, `-O3 -march=native`) into `build_dir`, keyed by the source, flags, compiler, jaxlib and
-CPU, so later processes only load it. A failed build is logged and reported as False, so the
-callers can fall back to plain XLA.
+Each kernel is one C++ source (plus the shared `cpu_kernels.h`) compiled with the system
+compiler (`$CXX`, else `g++`, `-O3 -march=native`), keyed by the source, flags, jaxlib and CPU.
+Installing builds them ahead (`python -m pallas_kernels.prebuild`, run by `make venv`) into
+`installed_dir()`; a kernel not found there is compiled on first use into the caller's
+`build_dir` (the cache), so later processes only load it. A failed build is logged and
+reported as False, so the callers can fall back to plain XLA.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -40,22 +43,36 @@ def cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(compiler: str, source: Path, build_dir: Path) -> Path:
+def installed_dir() -> Path:
+    """Where installing puts the prebuilt kernels: `$JPAGED_KERNELS_DIR`, else
+    `<sys.prefix>/share/jpaged/kernels` (inside the virtual environment)."""
+    explicit = os.environ.get("JPAGED_KERNELS_DIR")
+    return Path(explicit) if explicit else Path(sys.prefix) / "share" / "jpaged" / "kernels"
+
+
+def library_name(source: Path) -> str:
+    """`<stem>-<key>.so`, the key hashing what the library depends on: the source and headers,
+    the flags, jaxlib (the FFI ABI) and the CPU (`-march=native`)."""
     import jaxlib
 
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, check=True
-    ).stdout.splitlines()[0]
     headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # cpu_kernels.h
-    key = hashlib.sha256(
-        "\0".join(
-            [source.read_text(), *headers, " ".join(FLAGS), version, jaxlib.__version__,
-             cpu_flags()]
-        ).encode()
-    ).hexdigest()[:16]  # fmt: skip
-    out = build_dir / f"{source.stem}-{key}.so"
-    if out.exists():
-        return out
+    parts = [source.read_text(), *headers, " ".join(FLAGS), jaxlib.__version__, cpu_flags()]
+    return f"{source.stem}-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.so"
+
+
+def _find_or_build(compiler: str | None, source: Path, build_dir: Path) -> Path:
+    """The library of `source`: prebuilt, else cached in `build_dir`, else compiled there."""
+    name = library_name(source)
+    for out in (installed_dir() / name, build_dir / name):
+        if out.exists():
+            return out
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX) and no prebuilt kernel")
+    return compile_kernel(compiler, source, build_dir / name)
+
+
+def compile_kernel(compiler: str, source: Path, out: Path) -> Path:
+    """Compile `source` into the shared library `out` (atomically); CalledProcessError on failure."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
@@ -69,22 +86,21 @@ def _build(compiler: str, source: Path, build_dir: Path) -> Path:
     return out
 
 
-def _compiler() -> str | None:
+def find_compiler() -> str | None:
+    """`$CXX`, else `g++`, else `c++` on the PATH; None where there is none."""
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
 def build_in_background(sources: list[Path], build_dir: Path) -> None:
     """Start compiling `sources` in threads (the compiler runs outside the GIL), so a cold
     start overlaps the builds with loading the model; `load_kernel` waits for them."""
-    compiler = _compiler()
-    if compiler is None:
-        return
+    compiler = find_compiler()
 
     def build(source: Path) -> None:
         try:
-            _build(compiler, source, Path(build_dir))
-        except (OSError, subprocess.CalledProcessError):
-            pass  # load_kernel builds again and reports the error
+            _find_or_build(compiler, source, Path(build_dir))
+        except (OSError, RuntimeError, subprocess.CalledProcessError):
+            pass  # load_kernel tries again and reports the error
 
     with _lock:
         for source in sources:
@@ -106,12 +122,9 @@ def load_kernel(source: Path, targets: dict[str, str], build_dir: Path) -> bool:
     with _lock:
         if str(source) in _loaded:
             return _loaded[str(source)] is not None
-        compiler = _compiler()
         lib = None
         try:
-            if compiler is None:
-                raise RuntimeError("no C++ compiler found (set CXX)")
-            lib = ctypes.CDLL(str(_build(compiler, source, Path(build_dir))))
+            lib = ctypes.CDLL(str(_find_or_build(find_compiler(), source, Path(build_dir))))
             for target, symbol in targets.items():
                 jax.ffi.register_ffi_target(
                     target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"

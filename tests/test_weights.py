@@ -105,6 +105,22 @@ def test_default_gguf_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
         default_gguf_path()
 
 
+def test_fast_reader_parses_what_gguf_reader_parses() -> None:
+    """The plain-ndarray reader sees the same metadata and tensor bytes as gguf's own."""
+    import gguf
+
+    path = default_gguf_path()
+    fast, base = gguf_import.GGUFReader(path), gguf.GGUFReader(path)
+    assert type(fast.data) is np.ndarray and isinstance(base.data, np.memmap)
+    assert list(fast.fields) == list(base.fields)
+    for name, field in base.fields.items():
+        assert fast.fields[name].types == field.types, name
+        assert fast.fields[name].contents() == field.contents(), name
+    assert [t.name for t in fast.tensors] == [t.name for t in base.tensors]
+    for a, b in zip(fast.tensors, base.tensors, strict=True):
+        assert a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data), a.name
+
+
 def test_reverse_rope_permute() -> None:
     # one head, head_dim 4: llama.cpp stores rows interleaved [x0, y0, x1, y1]; HF has [x0, x1, y0, y1]
     stored = np.array([[0.0], [2.0], [1.0], [3.0]])
