@@ -37,7 +37,8 @@ def xla_cache_dir() -> Path:
 
 
 def kernels_cache_dir() -> Path:
-    """`cache_dir()/kernels`: C++ kernels compiled for this machine (the `cpu` attention)."""
+    """`cache_dir()/kernels`: C++ kernels compiled on first use for this machine (the ones
+    `python -m pallas_kernels.prebuild` put in the environment are found before these)."""
     path = cache_dir() / "kernels"
     path.mkdir(parents=True, exist_ok=True)
     return path

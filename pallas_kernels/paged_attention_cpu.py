@@ -7,9 +7,9 @@ registers (f32, bf16, f16, fp8 e4m3fn / e5m2 pools), with an online softmax; wor
 (query tile, kv head) are shared over XLA's intra-op thread pool. With bf16 queries over a
 bf16 pool (head_dim a multiple of 32) on a CPU with AMX-BF16, items run on AMX tiles.
 
-The shared library is compiled on first use (pallas_kernels.cpu_build: `$CXX`, else `g++`,
-`-O3 -march=native`) into `$JPAGED_CACHE_DIR/kernels/`, keyed by the source, flags,
-compiler, jaxlib and CPU, so later processes only load it. `load()`
+The shared library is compiled at install (`python -m pallas_kernels.prebuild`) or on first use
+into `$JPAGED_CACHE_DIR/kernels/` (pallas_kernels.cpu_build: `$CXX`, else `g++`,
+`-O3 -march=native`), keyed by the source, flags, jaxlib and CPU. `load()`
 says whether that worked; the engine falls back to the `xla` backend when it did not.
 """
 
