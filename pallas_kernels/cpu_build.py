@@ -60,10 +60,13 @@ def library_name(source: Path) -> str:
     return f"{source.stem}-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.so"
 
 
-def _find_or_build(compiler: str | None, source: Path, build_dir: Path) -> Path:
-    """The library of `source`: prebuilt, else cached in `build_dir`, else compiled there."""
+def find_or_build(
+    compiler: str | None, source: Path, build_dir: Path, *, prebuilt: bool = True
+) -> Path:
+    """The library of `source`: prebuilt (unless `prebuilt` is False), else in `build_dir`,
+    else compiled there. RuntimeError with no compiler, CalledProcessError on a failed build."""
     name = library_name(source)
-    for out in (installed_dir() / name, build_dir / name):
+    for out in ([installed_dir() / name] if prebuilt else []) + [build_dir / name]:
         if out.exists():
             return out
     if compiler is None:
@@ -98,7 +101,7 @@ def build_in_background(sources: list[Path], build_dir: Path) -> None:
 
     def build(source: Path) -> None:
         try:
-            _find_or_build(compiler, source, Path(build_dir))
+            find_or_build(compiler, source, Path(build_dir))
         except (OSError, RuntimeError, subprocess.CalledProcessError):
             pass  # load_kernel tries again and reports the error
 
@@ -124,7 +127,7 @@ def load_kernel(source: Path, targets: dict[str, str], build_dir: Path) -> bool:
             return _loaded[str(source)] is not None
         lib = None
         try:
-            lib = ctypes.CDLL(str(_find_or_build(find_compiler(), source, Path(build_dir))))
+            lib = ctypes.CDLL(str(find_or_build(find_compiler(), source, Path(build_dir))))
             for target, symbol in targets.items():
                 jax.ffi.register_ffi_target(
                     target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"

@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     def build(source: Path) -> str:
-        out = args.dir / cpu_build.library_name(source)
-        return str(out if out.exists() else cpu_build.compile_kernel(compiler, source, out))
+        return str(cpu_build.find_or_build(compiler, source, args.dir, prebuilt=False))
 
     failed = 0
     with ThreadPoolExecutor(2) as pool:
