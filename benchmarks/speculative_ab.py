@@ -1,9 +1,11 @@
 """N-gram speculative decoding on W: two engines in one process, interleaved rounds.
 
     .venv/bin/python benchmarks/speculative_ab.py [--dtype bfloat16] [--rounds 3] [--k 3]
+        [--schedule '[[1, 24, 3], [25, 256, 0]]']
 
 One `LLM` decodes plainly, the other with speculative_config {"method": "ngram",
-"num_speculative_tokens": k}; both warm up their decode (and verify) shapes first. Each
+"num_speculative_tokens": k}; with --schedule a third one adds that
+num_speculative_tokens_per_batch_size. All warm up their decode (and verify) shapes first. Each
 round runs W on both, in alternating order, with every prompt's first token changed so the
 prefix cache never serves a round from the one before. Prints one JSON line per (round,
 engine) with tok/s, steps and drafts kept, and a last line with the ratio of the summed
@@ -33,6 +35,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
+    parser.add_argument("--schedule", type=json.loads, default=None,
+                        help="num_speculative_tokens_per_batch_size for a third engine")  # fmt: skip
     args = parser.parse_args()
     import jpaged
     from jpaged.sampling_params import SamplingParams
@@ -42,6 +46,11 @@ def main() -> None:
         "plain": jpaged.LLM(dtype=args.dtype, warmup="decode"),
         "ngram": jpaged.LLM(dtype=args.dtype, warmup="decode", speculative_config=spec),
     }
+    if args.schedule is not None:
+        scheduled = {**spec, "num_speculative_tokens_per_batch_size": args.schedule}
+        engines["ngram_schedule"] = jpaged.LLM(
+            dtype=args.dtype, warmup="decode", speculative_config=scheduled
+        )
     prompts, out_lens = workload_w()
     params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for n in out_lens]
     seconds = dict.fromkeys(engines, 0.0)
@@ -73,11 +82,12 @@ def main() -> None:
                 "drafts_kept": stats.spec_accepted_tokens - kept0,
                 "outputs_sha256": hashes[name], "cmd": CMD,
             }), flush=True)  # fmt: skip
-        identical &= hashes["plain"] == hashes["ngram"]
+        identical &= len(set(hashes.values())) == 1
+    ratios = {f"plain_over_{n}_time": round(seconds["plain"] / t, 3) for n, t in seconds.items()}
+    del ratios["plain_over_plain_time"]
     print(json.dumps({
-        "bench": "speculative_ab", "dtype": args.dtype, "k": args.k,
-        "plain_over_ngram_time": round(seconds["plain"] / seconds["ngram"], 3),
-        "outputs_identical": identical, "cmd": CMD,
+        "bench": "speculative_ab", "dtype": args.dtype, "k": args.k, "schedule": args.schedule,
+        **ratios, "outputs_identical": identical, "cmd": CMD,
     }))  # fmt: skip
 
 

@@ -200,7 +200,7 @@ class ModelRunner:
         prompt_index, prompt_next = prompt_lp
         if prompt_index.shape[0]:  # extra logits rows for prompt logprobs
             index = jnp.concatenate([batch.logits_index, prompt_index])
-            batch = dataclasses.replace(batch, logits_index=index)
+            batch = dataclasses.replace(batch, logits_index=index, num_rows=None)
         logits, kv_pool = llama_forward(self.config, params, kv_pool, batch, self.attention_backend)
         sampled = sample(logits[:num_rows], sampling, num_logprobs, self.sampler_kernels)
         prompt_out = None
@@ -268,6 +268,8 @@ class ModelRunner:
             block_tables=padded(seq_tables[tile_seq], G),
             seq_lens=padded((starts + lens)[tile_seq], G),
             logits_index=logits_index,
+            num_tokens=np.int32(num_real),
+            num_rows=np.int32(len(row_seq)),
         )
 
     def execute(

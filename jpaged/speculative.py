@@ -36,6 +36,9 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    # vLLM's dynamic speculation: inclusive batch-size ranges (start, end, k), the first
+    # starting at 1; a batch size in a gap or past the last range takes the k before it.
+    num_speculative_tokens_per_batch_size: tuple[tuple[int, int, int], ...] | None = None
 
     @classmethod
     def parse(cls, value: Any) -> SpeculativeConfig | None:
@@ -44,7 +47,8 @@ class SpeculativeConfig:
             return value
         if not isinstance(value, dict):
             raise ValueError(f"speculative_config must be a dict or None, got {value!r}")
-        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                 "num_speculative_tokens_per_batch_size"}  # fmt: skip
         if unknown := sorted(set(value) - known):
             raise ValueError(f"speculative_config: unknown keys {unknown}; known: {sorted(known)}")
         if value.get("method", "ngram") != "ngram":
@@ -63,7 +67,42 @@ class SpeculativeConfig:
         k = get_int("num_speculative_tokens", None, 1, MAX_SPECULATIVE_TOKENS)
         hi = get_int("prompt_lookup_max", 4, 1, 64)
         lo = get_int("prompt_lookup_min", 1, 1, hi)
-        return cls(num_speculative_tokens=k, prompt_lookup_max=hi, prompt_lookup_min=lo)
+        schedule = _batch_size_schedule(value.get("num_speculative_tokens_per_batch_size"))
+        return cls(k, hi, lo, schedule)
+
+    def tokens_for_batch(self, batch_size: int) -> int:
+        """Drafts a seq may take in a step of batch_size seqs (at most num_speculative_tokens)."""
+        k = self.num_speculative_tokens
+        for start, _end, ki in self.num_speculative_tokens_per_batch_size or ():
+            if start > batch_size:
+                break
+            k = min(ki, self.num_speculative_tokens)
+        return k
+
+
+def _batch_size_schedule(value: Any) -> tuple[tuple[int, int, int], ...] | None:
+    """num_speculative_tokens_per_batch_size, checked as vLLM checks it, sorted by start."""
+    if value is None:
+        return None
+    key = "speculative_config.num_speculative_tokens_per_batch_size"
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{key} must be a non-empty list of [start, end, k], got {value!r}")
+    entries = []
+    for entry in value:
+        ok = isinstance(entry, (list, tuple)) and len(entry) == 3
+        if not ok or any(isinstance(v, bool) or not isinstance(v, int) for v in entry):
+            raise ValueError(f"{key}: each entry must be [start, end, k] ints, got {entry!r}")
+        start, end, k = entry
+        if not 1 <= start <= end or k < 0:
+            raise ValueError(f"{key}: need 1 <= start <= end and k >= 0, got {entry!r}")
+        entries.append((start, end, k))
+    entries.sort()
+    if entries[0][0] != 1:
+        raise ValueError(f"{key}: the first range must start at 1, got {entries[0]!r}")
+    for (_, prev_end, _), (start, _, _) in zip(entries, entries[1:], strict=False):
+        if start <= prev_end:
+            raise ValueError(f"{key}: ranges overlap at batch size {start}")
+    return tuple(entries)
 
 
 def speculates(params: SamplingParams) -> bool:
@@ -139,7 +178,8 @@ def num_accepted(drafts: Sequence[int], sampled: Sequence[int]) -> int:
 def propose_drafts(
     proposer: NgramProposer, scheduler: Scheduler, limit_of: Callable[[Seq], int]
 ) -> None:
-    """Set every running seq's draft_token_ids for the next step (at most limit_of(seq)),
+    """Set every running seq's draft_token_ids for the next step (at most limit_of(seq), and
+    the schedule's k for len(running) seqs, see SpeculativeConfig.tokens_for_batch),
     [] unless that step only decodes: a prefill chunk beside drafts would need step shapes
     outside the warm-up set, so with any waiting or mid-prefill seq nobody drafts."""
     running = scheduler.running
@@ -147,8 +187,9 @@ def propose_drafts(
     decode_only = not scheduler.waiting and all(
         s.num_computed_tokens == s.num_tokens - 1 for s in running
     )
+    k = proposer.config.tokens_for_batch(len(running)) if decode_only else 0
     for seq in running:
-        limit = limit_of(seq) if decode_only else 0
+        limit = min(limit_of(seq), k) if k else 0
         seq.draft_token_ids = (
             proposer.propose(seq.seq_id, seq.token_ids, limit) if limit > 0 else []
         )

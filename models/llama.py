@@ -49,6 +49,10 @@ class ModelBatch:
     block_tables: jax.Array  # [S, W] i32
     seq_lens: jax.Array  # [S] i32 context length including this step's tokens, 0 for padding
     logits_index: jax.Array  # [R] i32 flat token index whose logits each sampling row reads
+    # [] i32 real tokens and real rows (the rest is padding); the `cpu` linears compute only
+    # these rows. None: all.
+    num_tokens: jax.Array | None = None
+    num_rows: jax.Array | None = None
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -114,11 +118,11 @@ def decoder_layer(
     packed: all layers' packed linears (models.packed_linears), read at `layer_idx`; None: the
     linears are in `w`.
     """
-    num_tokens = x.shape[0]
+    num_tokens, live = x.shape[0], batch.num_tokens
     cos, sin = rope
     qe, ke = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-    qkv = None if packed is None else linear_cpu(h, packed["qkv"], layer_idx, n=qe + 2 * ke)
+    qkv = None if packed is None else linear_cpu(h, packed["qkv"], layer_idx, n=qe + 2 * ke, rows=live)
     if qkv is not None and not c.attention_bias and rope_qkv_supported(qkv.dtype, c.head_dim):
         # one kernel splits q | k | v and applies RoPE
         heads = {"num_heads": c.num_attention_heads, "num_kv_heads": c.num_key_value_heads}
@@ -151,7 +155,7 @@ def decoder_layer(
     if packed is None:
         o = linear(attn, w, "wo")
     else:
-        o = linear_cpu(attn, packed["o"], layer_idx, n=c.hidden_size)
+        o = linear_cpu(attn, packed["o"], layer_idx, n=c.hidden_size, rows=live)
     if c.attention_bias:
         o = o + w["bo"]
     x = x + o
@@ -159,8 +163,8 @@ def decoder_layer(
     if packed is None:
         gated = jax.nn.silu(linear(h, w, "w_gate")) * linear(h, w, "w_up")
         return x + linear(gated, w, "w_down"), kv_pool
-    gate_up = linear_cpu(h, packed["gate_up"], layer_idx, n=2 * c.intermediate_size)
-    down = linear_cpu(silu_mul(gate_up), packed["down"], layer_idx, n=c.hidden_size)
+    gate_up = linear_cpu(h, packed["gate_up"], layer_idx, n=2 * c.intermediate_size, rows=live)
+    down = linear_cpu(silu_mul(gate_up), packed["down"], layer_idx, n=c.hidden_size, rows=live)
     return x + down, kv_pool
 
 
@@ -200,7 +204,9 @@ def llama_forward(
             x, kv_pool = decoder_layer(c, w, i, x, kv_pool, batch, rope, attention_backend, packed)
     x = rms_norm(x[batch.logits_index], params["final_norm"], c.rms_norm_eps)  # [r, d]
     if packed is not None:
-        return linear_cpu(x, packed["head"], 0, n=c.vocab_size, out_dtype=jnp.float32), kv_pool
+        head = packed["head"]
+        logits = linear_cpu(x, head, 0, n=c.vocab_size, out_dtype=jnp.float32, rows=batch.num_rows)
+        return logits, kv_pool
     head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
     logits = jnp.dot(x, head, preferred_element_type=jnp.float32)  # [r, v]
     return logits, kv_pool

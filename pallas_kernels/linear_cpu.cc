@@ -1,6 +1,8 @@
 // The `cpu` linear backend (see linear_cpu.py): y = x @ W for one layer of a stacked weight
 // packed once at load, as XLA FFI custom calls. Each call takes the whole [L, ...] array and a
-// layer index, so no weight slice is copied.
+// layer index, so no weight slice is copied, and the number of leading rows of x to compute:
+// a step padded to a bucketed shape computes only its real tokens, and the padding rows of y
+// are 0.
 //
 // JpagedLinearF32: f32 on AVX-512 FMA. W is packed as [L, N / 32, K, 32] panels; a micro
 // kernel keeps up to 14 rows x 32 columns of y in registers and streams its panel once.
@@ -244,9 +246,16 @@ void parallel_panels(ffi::ThreadPool& thread_pool, int64_t num_items, Fn fn) {
   });
 }
 
+// The rows to compute, rows[0] clamped to [0, m]; zeroes y's rows from there to m.
+int64_t live_rows(const ffi::Buffer<ffi::S32>& rows, int64_t m, int64_t n, size_t item, void* out) {
+  const int64_t live = std::clamp<int64_t>(rows.typed_data()[0], 0, m);
+  std::memset(static_cast<char*>(out) + live * n * item, 0, (m - live) * n * item);
+  return live;
+}
+
 ffi::Error LinearF32Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer,
-                         ffi::Result<ffi::Buffer<ffi::F32>> out) {
+                         ffi::Buffer<ffi::S32> rows, ffi::Result<ffi::Buffer<ffi::F32>> out) {
 #if defined(__AVX512F__)
   auto xd = x.dimensions();
   auto wd = w.dimensions();
@@ -260,12 +269,12 @@ ffi::Error LinearF32Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x,
   if (l < 0 || l >= wd[0]) return ffi::Error::InvalidArgument("linear_f32: layer out of range");
   ProblemF32 p;
   p.x = x.typed_data();
-  p.m = xd[0];
   p.k = xd[1];
   p.n = od[1];
   p.np = wd[1];
   p.w = w.typed_data() + l * p.np * p.k * kPanelF32;
   p.out = out->typed_data();
+  p.m = live_rows(rows, xd[0], p.n, sizeof(float), p.out);
   if (p.m > 0) parallel_panels(thread_pool, p.np, [&p](int64_t b, int64_t e) { panels_f32(p, b, e); });
   return ffi::Error::Success();
 #else
@@ -274,7 +283,8 @@ ffi::Error LinearF32Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x,
 }
 
 ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                         ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> out) {
+                         ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
+                         ffi::Result<ffi::AnyBuffer> out) {
 #if defined(JPAGED_HAVE_AMX)
   auto xd = x.dimensions();
   auto wd = w.dimensions();
@@ -293,14 +303,14 @@ ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::Any
   if (!amx_permitted()) return ffi::Error::Internal("linear_amx: the kernel refused AMX state");
 
   Problem p;
-  p.m = xd[0];
-  p.mp = (p.m + kTileRows - 1) / kTileRows * kTileRows;
   p.kb = wd[2];
   p.n = od[1];
   p.nb = wd[1];
   p.w = static_cast<const uint16_t*>(w.untyped_data()) + l * p.nb * p.kb * kTileElems;
   p.out_f32 = out->element_type() == ffi::DataType::F32;
   p.out = out->untyped_data();
+  p.m = live_rows(rows, xd[0], p.n, p.out_f32 ? 4 : 2, p.out);
+  p.mp = (p.m + kTileRows - 1) / kTileRows * kTileRows;
   if (p.m == 0) return ffi::Error::Success();
   // x in A-tile order, [mp / 16, kb, 16, 32] zero padded, so every tile load is 1 KB
   // contiguous (row-strided tile loads from L2 stall on line fills).
@@ -501,6 +511,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearAmx, LinearAmxImpl,
                                   .Arg<ffi::AnyBuffer>()         // x [M, K] bf16
                                   .Arg<ffi::AnyBuffer>()         // w [L, NB, KB, 16, 32] bf16
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows of x to compute
                                   .Ret<ffi::AnyBuffer>());       // out [M, N]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearF32, LinearF32Impl,
@@ -509,6 +520,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearF32, LinearF32Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()    // x [M, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // w [L, NP, K, 32]
                                   .Arg<ffi::Buffer<ffi::S32>>()    // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // rows of x to compute
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out [M, N]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedSiluMul, SiluMulImpl,

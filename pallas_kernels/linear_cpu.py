@@ -89,11 +89,14 @@ def linear_cpu(
     *,
     n: int,
     out_dtype: jnp.dtype | None = None,
+    rows: jax.Array | int | None = None,
 ) -> jax.Array:
     """x [..., K] @ layer `layer` of `packed` (see `pack`) -> [..., n].
 
-    out_dtype: x's dtype by default; a bf16 x may also give float32. Raises ValueError on
-    mismatched shapes or dtypes, RuntimeError if the kernel is not loaded (see `available`).
+    out_dtype: x's dtype by default; a bf16 x may also give float32. rows: compute only the
+    first `rows` rows of x (flattened to [M, K]; a traced count, so a padded step skips its
+    padding), the others give 0; default all. Raises ValueError on mismatched shapes or
+    dtypes, RuntimeError if the kernel is not loaded (see `available`).
     """
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     k = x.shape[-1]
@@ -120,7 +123,8 @@ def linear_cpu(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], n), out_dtype))
-    return call(x2, packed, jnp.asarray(layer, jnp.int32).reshape(())).reshape(*lead, n)
+    rows = jnp.asarray(x2.shape[0] if rows is None else rows, jnp.int32).reshape(())
+    return call(x2, packed, jnp.asarray(layer, jnp.int32).reshape(()), rows).reshape(*lead, n)
 
 
 @jax.jit

@@ -3,6 +3,7 @@ against float32/float64 numpy, and the model with its linears on them against pl
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -71,6 +72,21 @@ def test_matches_numpy(dtype, m, k, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_computes_leading_rows_bit_identically_and_zeroes_the_rest(dtype):
+    rng = np.random.default_rng(3)
+    x = rand(rng, (37, 96), dtype)
+    packed = linear_cpu.pack(rand(rng, (2, 96, 80), dtype, 0.05))
+    full = np.asarray(linear_cpu.linear_cpu(x, packed, 1, n=80))
+    fn = jax.jit(lambda x, r: linear_cpu.linear_cpu(x, packed, 1, n=80, rows=r))
+    for rows in (0, 1, 16, 17, 33, 37, 99, -5):  # a traced count: one compiled program
+        got = np.asarray(fn(x, jnp.int32(rows)))
+        live = min(max(rows, 0), 37)
+        np.testing.assert_array_equal(got[:live], full[:live])
+        assert not got[live:].any()
+    assert fn._cache_size() == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_leading_dims_and_errors(dtype):
     rng = np.random.default_rng(1)
     x = rand(rng, (2, 3, 64), dtype)
@@ -106,10 +122,12 @@ def test_model_on_packed_linears_matches_plain_dots(dtype, head_dim):
     seqs = [StepSeq(rng.integers(3, 500, n).tolist(), 0, list(range(1 + 6 * i, 7 + 6 * i)))
             for i, n in enumerate((40, 5, 8))]  # fmt: skip
     batch = runners["xla"].build_batch(seqs, [0, 1, 2], step_shape(seqs, 3))
-    logits = {
+    logits = {  # row 3 pads R to 4: the cpu head skips it (0), as its linears skip padding
         lb: np.asarray(llama_forward(config, r.params, pool, batch, "xla")[0])
         for lb, r in runners.items()
     }
+    assert batch.num_rows == 3 and not logits["cpu"][3].any() and logits["xla"][3].any()
+    logits = {lb: v[:3] for lb, v in logits.items()}
     scale = np.abs(logits["xla"]).max()
     tol = 1e-5 if dtype == "float32" else 0.03  # bf16: roundings of the layer outputs differ
     np.testing.assert_allclose(logits["cpu"], logits["xla"], atol=tol * scale)

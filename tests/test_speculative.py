@@ -76,6 +76,46 @@ def test_config_parse_and_errors():
             EngineConfig(speculative_config=value)
 
 
+def test_batch_size_schedule_parse_and_lookup():
+    key = "num_speculative_tokens_per_batch_size"
+    c = SpeculativeConfig.parse({**NGRAM, key: [[33, 64, 1], [1, 8, 5], [9, 16, 2]]})
+    assert c.num_speculative_tokens_per_batch_size == ((1, 8, 5), (9, 16, 2), (33, 64, 1))
+    # capped at num_speculative_tokens; a gap (17..32) and the tail keep the k before them
+    got = {b: c.tokens_for_batch(b) for b in (1, 8, 9, 16, 17, 32, 33, 64, 65, 999)}
+    assert got == {1: 3, 8: 3, 9: 2, 16: 2, 17: 2, 32: 2, 33: 1, 64: 1, 65: 1, 999: 1}
+    assert SpeculativeConfig.parse(NGRAM).tokens_for_batch(500) == 3
+    bad = [[], [[2, 8, 1]], [[1, 8, 1], [8, 9, 0]], [[1, 0, 1]], [[1, 8, -1]], [[1, 8]],
+           [[1, 8, 1.5]], "1-8:3"]  # fmt: skip
+    for value in bad:
+        with pytest.raises(ValueError, match=key):
+            EngineConfig(speculative_config={**NGRAM, key: value})
+
+
+def test_batch_size_schedule_drafts_only_in_small_batches(tiny_model, tokenizer):
+    prompts, params = repetitive_workload(12, seed=3)
+    want = run_checked(make_llm(tiny_model, tokenizer), prompts, params)
+    schedule = {**NGRAM, "num_speculative_tokens_per_batch_size": [[1, 4, 2], [5, 256, 0]]}
+    llm = make_llm(tiny_model, tokenizer, speculative_config=schedule)
+    engine, stats = llm.engine, llm.engine.stats
+    step, per_step = engine.step, []
+
+    def recording_step():
+        running, drafts = len(engine.scheduler.running), stats.spec_draft_tokens
+        outs = step()
+        per_step.append((running, stats.spec_draft_tokens - drafts))
+        return outs
+
+    engine.step = recording_step
+    try:
+        assert run_checked(llm, prompts, params) == want
+    finally:
+        engine.step = step
+    assert all(drafts == 0 for running, drafts in per_step if running > 4)
+    assert all(drafts <= 2 * running for running, drafts in per_step)
+    assert sum(drafts for running, drafts in per_step if running <= 4) > 0
+    assert stats.spec_accepted_tokens > 0
+
+
 def test_speculates_only_greedy_plain_requests():
     assert speculates(SamplingParams(temperature=0))
     assert speculates(SamplingParams(temperature=0, stop=["x"], min_tokens=2))
