@@ -122,7 +122,9 @@ def decoder_layer(
     cos, sin = rope
     qe, ke = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-    qkv = None if packed is None else linear_cpu(h, packed["qkv"], layer_idx, n=qe + 2 * ke, rows=live)
+    qkv = None
+    if packed is not None:
+        qkv = linear_cpu(h, packed["qkv"], layer_idx, n=qe + 2 * ke, rows=live)
     if qkv is not None and not c.attention_bias and rope_qkv_supported(qkv.dtype, c.head_dim):
         # one kernel splits q | k | v and applies RoPE
         heads = {"num_heads": c.num_attention_heads, "num_kv_heads": c.num_key_value_heads}
