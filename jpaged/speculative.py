@@ -1,8 +1,9 @@
 """N-gram speculative decoding (prompt lookup), greedy requests only.
 
 Each decode step, a greedy sequence whose last n tokens (n = prompt_lookup_max down to
-prompt_lookup_min) occurred earlier in its prompt or output proposes the up to k tokens that
-followed that earlier occurrence (the most recent one). The step computes the last token
+prompt_lookup_min) occurred earlier in its prompt or output proposes the k tokens that
+followed that earlier occurrence (the most recent one), read on as a repeat where they run
+into the sequence's end (a seq looping with period 2 drafts k tokens, not 1). The step computes the last token
 and the k drafts together, as a short chunk, and takes the argmax after each of them; the
 drafts are kept up to the first that differs from the argmax before it, and that argmax
 follows them. So a step yields 1 to k + 1 tokens, and each is the token plain greedy
@@ -156,7 +157,7 @@ class NgramProposer:
         for n in range(min(c.prompt_lookup_max, length - 1), c.prompt_lookup_min - 1, -1):
             end = index.ends[n].get(tuple(tokens[length - n :]))
             if end is not None:
-                return list(tokens[end : end + limit])
+                return continuation(tokens, end, limit)
         return []
 
     def retain(self, seq_ids: Iterable[int]) -> None:
@@ -164,6 +165,17 @@ class NgramProposer:
         keep = set(seq_ids)
         for seq_id in [s for s in self._index if s not in keep]:
             del self._index[seq_id]
+
+
+def continuation(tokens: Sequence[int], end: int, limit: int) -> list[int]:
+    """The `limit` tokens predicted to follow `tokens` when its suffix recurs at `end`: the
+    tokens after `end`, and past the list's end the drafts themselves again (the stretch from
+    end on repeats with period len - end), so a seq in a short loop still drafts `limit`."""
+    drafts = list(tokens[end : end + limit])
+    period = len(tokens) - end
+    while len(drafts) < limit:
+        drafts.append(drafts[len(drafts) - period])
+    return drafts
 
 
 def num_accepted(drafts: Sequence[int], sampled: Sequence[int]) -> int:

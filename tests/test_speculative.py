@@ -27,7 +27,10 @@ def brute_force(tokens: list[int], k: int, hi: int, lo: int) -> list[int]:
         suffix = tokens[n_tok - n :]
         for end in range(n_tok - 1, n - 1, -1):
             if tokens[end - n : end] == suffix:
-                return tokens[end : end + k]
+                ext = list(tokens)  # the stretch from end repeats past the list's end
+                while len(ext) < end + k:
+                    ext.append(ext[len(ext) - (n_tok - end)])
+                return ext[end : end + k]
     return []
 
 
@@ -45,6 +48,13 @@ def test_proposer_equals_brute_force(hi, lo):
             tokens += rng.integers(0, 4, int(rng.integers(1, 4))).tolist()
     proposer.retain([3, 5])
     assert sorted(proposer._index) == [3, 5]
+
+
+def test_loops_draft_k_tokens():
+    proposer = NgramProposer(SpeculativeConfig(num_speculative_tokens=5))
+    assert proposer.propose(0, [7, 5, 5, 5], 3) == [5, 5, 5]  # period 1 (was [5])
+    assert proposer.propose(1, [9, 1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]  # period 2
+    assert proposer.propose(2, [4, 6, 1, 2, 3, 4, 6], 2) == [1, 2]  # inside the list
 
 
 def test_num_accepted():
