@@ -36,7 +36,8 @@ from pallas_kernels import linear_cpu  # noqa: E402
 def make(target: str):  # noqa: ANN201
     def call(x: jax.Array, packed: jax.Array, layer: jax.Array, n: int) -> jax.Array:
         out = jax.ShapeDtypeStruct((x.shape[0], n), x.dtype)
-        return jax.ffi.ffi_call(target, out)(x, packed, layer)
+        rows = jnp.int32(x.shape[0])  # every row (the kernels skip rows past this)
+        return jax.ffi.ffi_call(target, out)(x, packed, layer, rows)
 
     @jax.jit
     def run(x: jax.Array, p_in: jax.Array, p_out: jax.Array) -> jax.Array:
