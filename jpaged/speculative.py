@@ -3,18 +3,19 @@
 Each decode step, a greedy sequence whose last n tokens (n = prompt_lookup_max down to
 prompt_lookup_min) occurred earlier in its prompt or output proposes the k tokens that
 followed that earlier occurrence (the most recent one), read on as a repeat where they run
-into the sequence's end (a seq looping with period 2 drafts k tokens, not 1). The step computes the last token
-and the k drafts together, as a short chunk, and takes the argmax after each of them; the
-drafts are kept up to the first that differs from the argmax before it, and that argmax
-follows them. So a step yields 1 to k + 1 tokens, and each is the token plain greedy
-decoding gives: every row of a step is computed as it would be alone (the kernels work row
-by row, and a query sees exactly its causal context), so outputs are bit-identical with
-speculation on or off. The rejected drafts' K/V slots are given back or overwritten later.
+into the sequence's end (a seq looping with period 2 drafts k tokens, not 1). The step
+computes the last token and the k drafts together, as a short chunk, and takes the argmax
+after each of them; the drafts are kept up to the first that differs from the argmax before
+it, and that argmax follows them. So a step yields 1 to k + 1 tokens, and each is the token
+plain greedy decoding gives: every row of a step is computed as it would be alone (the
+kernels work row by row, and a query sees exactly its causal context), so outputs are
+bit-identical with speculation on or off. The rejected drafts' K/V slots are given back or
+overwritten later.
 
 A step reads the weights and every context's K/V once for up to k + 1 tokens a sequence,
 but each row still costs its matmul flops: it pays where decode is bound by memory or by the
-per-step cost (bf16 on this project's CPU: W 13 % faster), not where the matmuls are bound by
-compute (f32 here: no gain). See README (Benchmarks).
+per-step cost (bf16 on this project's CPU), less where the matmuls are bound by compute (f32
+here), since the cpu linears compute every real row. See README (Benchmarks).
 """
 
 from __future__ import annotations
