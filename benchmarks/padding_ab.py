@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from workload import VOCAB, workload_w  # noqa: E402
+from workload import interleaved_w_rounds  # noqa: E402
 
 CMD = ".venv/bin/python benchmarks/padding_ab.py " + " ".join(sys.argv[1:])
 
@@ -37,7 +35,6 @@ def main() -> None:
     parser.add_argument("--speculative-config", type=json.loads, default=None)
     args = parser.parse_args()
     import jpaged
-    from jpaged.sampling_params import SamplingParams
 
     def make() -> jpaged.LLM:
         spec = args.speculative_config
@@ -51,26 +48,17 @@ def main() -> None:
         return dataclasses.replace(build(*a, **k), num_tokens=None, num_rows=None)
 
     runner.build_batch = all_rows_batch
-    prompts, out_lens = workload_w()
-    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for n in out_lens]
     seconds = dict.fromkeys(engines, 0.0)
-    identical = True
-    for r in range(args.rounds):
-        shifted = [[(p[0] + 7 * (r + 1)) % VOCAB] + p[1:] for p in prompts]
-        hashes = {}
-        for name in list(engines) if r % 2 == 0 else list(engines)[::-1]:
-            t0 = time.perf_counter()
-            outs = engines[name].generate(shifted, params, use_tqdm=False)
-            dt = time.perf_counter() - t0
-            seconds[name] += dt if r else 0.0
-            ids = [list(o.outputs[0].token_ids) for o in outs]
-            hashes[name] = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
-            print(json.dumps({
-                "bench": "padding_ab", "dtype": args.dtype, "round": r, "engine": name,
-                "output_tok_s": round(sum(map(len, ids)) / dt, 1), "seconds": round(dt, 2),
-                "outputs_sha256": hashes[name], "cmd": CMD,
-            }), flush=True)  # fmt: skip
-        identical &= len(set(hashes.values())) == 1
+    hashes: dict[int, set[str]] = {}
+    for run in interleaved_w_rounds(engines, args.rounds):
+        seconds[run.engine] += run.seconds if run.round else 0.0
+        hashes.setdefault(run.round, set()).add(run.outputs_sha256)
+        print(json.dumps({
+            "bench": "padding_ab", "dtype": args.dtype, "round": run.round, "engine": run.engine,
+            "output_tok_s": round(run.tokens / run.seconds, 1), "seconds": round(run.seconds, 2),
+            "outputs_sha256": run.outputs_sha256, "cmd": CMD,
+        }), flush=True)  # fmt: skip
+    identical = all(len(h) == 1 for h in hashes.values())
     if args.rounds > 1:
         print(json.dumps({
             "bench": "padding_ab", "dtype": args.dtype,

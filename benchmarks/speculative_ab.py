@@ -15,17 +15,15 @@ times and whether every round's outputs were identical between the engines.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from workload import VOCAB, workload_w  # noqa: E402
+from workload import interleaved_w_rounds  # noqa: E402
 
 CMD = ".venv/bin/python benchmarks/speculative_ab.py " + " ".join(sys.argv[1:])
 
@@ -39,7 +37,6 @@ def main() -> None:
                         help="num_speculative_tokens_per_batch_size for a third engine")  # fmt: skip
     args = parser.parse_args()
     import jpaged
-    from jpaged.sampling_params import SamplingParams
 
     spec = {"method": "ngram", "num_speculative_tokens": args.k}
     engines = {
@@ -51,38 +48,27 @@ def main() -> None:
         engines["ngram_schedule"] = jpaged.LLM(
             dtype=args.dtype, warmup="decode", speculative_config=scheduled
         )
-    prompts, out_lens = workload_w()
-    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=n) for n in out_lens]
     seconds = dict.fromkeys(engines, 0.0)
-    identical = True
-    for r in range(args.rounds):
-        shifted = [[(p[0] + 7 * (r + 1)) % VOCAB] + p[1:] for p in prompts]
-        order = list(engines) if r % 2 == 0 else list(engines)[::-1]
-        hashes = {}
-        for name in order:
-            llm = engines[name]
-            stats = llm.engine.stats
-            steps0, drafts0, kept0 = (
-                stats.num_steps,
-                stats.spec_draft_tokens,
-                stats.spec_accepted_tokens,
-            )
-            t0 = time.perf_counter()
-            outs = llm.generate(shifted, params, use_tqdm=False)
-            dt = time.perf_counter() - t0
-            seconds[name] += dt
-            ids = [list(o.outputs[0].token_ids) for o in outs]
-            tokens = sum(len(t) for t in ids)
-            hashes[name] = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
-            print(json.dumps({
-                "bench": "speculative_ab", "dtype": args.dtype, "round": r, "engine": name,
-                "output_tok_s": round(tokens / dt, 1), "seconds": round(dt, 2),
-                "steps": stats.num_steps - steps0,
-                "drafts": stats.spec_draft_tokens - drafts0,
-                "drafts_kept": stats.spec_accepted_tokens - kept0,
-                "outputs_sha256": hashes[name], "cmd": CMD,
-            }), flush=True)  # fmt: skip
-        identical &= len(set(hashes.values())) == 1
+
+    def counts_of(name: str) -> tuple[int, int, int]:  # steps, drafts, drafts kept so far
+        stats = engines[name].engine.stats
+        return stats.num_steps, stats.spec_draft_tokens, stats.spec_accepted_tokens
+
+    counts = {n: counts_of(n) for n in engines}
+    hashes: dict[int, set[str]] = {}
+    for run in interleaved_w_rounds(engines, args.rounds):
+        now = counts_of(run.engine)
+        steps, drafts, kept = (a - b for a, b in zip(now, counts[run.engine], strict=True))
+        counts[run.engine] = now
+        seconds[run.engine] += run.seconds
+        hashes.setdefault(run.round, set()).add(run.outputs_sha256)
+        print(json.dumps({
+            "bench": "speculative_ab", "dtype": args.dtype, "round": run.round,
+            "engine": run.engine, "output_tok_s": round(run.tokens / run.seconds, 1),
+            "seconds": round(run.seconds, 2), "steps": steps, "drafts": drafts,
+            "drafts_kept": kept, "outputs_sha256": run.outputs_sha256, "cmd": CMD,
+        }), flush=True)  # fmt: skip
+    identical = all(len(h) == 1 for h in hashes.values())
     ratios = {f"plain_over_{n}_time": round(seconds["plain"] / t, 3) for n, t in seconds.items()}
     del ratios["plain_over_plain_time"]
     print(json.dumps({
