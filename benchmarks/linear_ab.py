@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from attention_ab import build  # noqa: E402
 from linear_cpu import LAYERS, QKV_GU, D, F  # noqa: E402
 
+from jpaged.malloc_tuning import tune_malloc  # noqa: E402
 from pallas_kernels import linear_cpu  # noqa: E402
 
 
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,64,2048")
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
+    tune_malloc()  # as the engine does: XLA's temporaries stay on the heap, no page faults
     key = jax.random.PRNGKey(0)
     p_in = linear_cpu.pack(jax.random.normal(key, (LAYERS, D, QKV_GU), jnp.bfloat16) * 0.02)
     p_out = linear_cpu.pack(jax.random.normal(key, (LAYERS, F, D), jnp.bfloat16) * 0.02)

@@ -5,7 +5,7 @@
 
 One `LLM` decodes plainly, the other with speculative_config {"method": "ngram",
 "num_speculative_tokens": k}; with --schedule a third one adds that
-num_speculative_tokens_per_batch_size. All warm up their decode (and verify) shapes first. Each
+num_speculative_tokens_per_batch_size (num_speculative_tokens its largest k). All warm up their decode (and verify) shapes first. Each
 round runs W on both, in alternating order, with every prompt's first token changed so the
 prefix cache never serves a round from the one before. Prints one JSON line per (round,
 engine) with tok/s, steps and drafts kept, and a last line with the ratio of the summed
@@ -44,7 +44,9 @@ def main() -> None:
         "ngram": jpaged.LLM(dtype=args.dtype, warmup="decode", speculative_config=spec),
     }
     if args.schedule is not None:
-        scheduled = {**spec, "num_speculative_tokens_per_batch_size": args.schedule}
+        top = max([args.k] + [k for _start, _end, k in args.schedule])  # the schedule's own cap
+        scheduled = {**spec, "num_speculative_tokens": top,
+                     "num_speculative_tokens_per_batch_size": args.schedule}  # fmt: skip
         engines["ngram_schedule"] = jpaged.LLM(
             dtype=args.dtype, warmup="decode", speculative_config=scheduled
         )
