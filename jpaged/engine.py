@@ -27,7 +27,7 @@ from jpaged.model_runner import StepSeq, all_step_shapes, verify_step_shapes, ve
 from jpaged.outputs import Logprob, RequestMetrics, RequestOutput, logprob_entry
 from jpaged.request import RequestState, SampleTrack
 from jpaged.sampling_params import SamplingParams
-from jpaged.sampling_tensors import SamplingRow
+from jpaged.sampling_tensors import SamplingRow, wants_logprob
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Sequence as Seq
 from jpaged.sequence import next_seq_id
@@ -207,6 +207,7 @@ class LLMEngine:
                     params.skip_special_tokens,
                     params.spaces_between_special_tokens,
                 ),
+                cumulative_logprob=0.0 if wants_logprob(params) else None,
                 logprobs=[] if params.logprobs is not None else None,
             )
             for i in range(params.n)

@@ -22,11 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.paths import kernels_cache_dir
-from jpaged.sampler import compute_logprobs, sample
+from jpaged.sampler import (
+    SamplerOutput,
+    compute_logprobs,
+    greedy_output,
+    greedy_without_logprobs,
+    penalty_free,
+    sample,
+)
 from jpaged.sampling_tensors import SamplingRow, build_sampling_tensors
-from models.llama import Llama, ModelBatch, llama_forward, unstack_layers
+from models.llama import Llama, ModelBatch, llama_forward, lm_head, unstack_layers
 from models.packed_linears import pack_linear_params
-from pallas_kernels import sampling_cpu
+from pallas_kernels import linear_cpu, sampling_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -157,18 +164,32 @@ class ModelRunner:
         unroll_layers: bool = False,
         mesh: jax.sharding.Mesh | None = None,
         linear_backend: str = "xla",
+        screen_greedy_head: bool = True,
     ) -> None:
         """`mesh`: the weights and pool are sharded over it (jpaged.sharded_model); step
         outputs are replicated on it, the pool keeps its sharding. `linear_backend`: xla
-        (plain dots) or cpu (weights packed for the C++ kernels, pallas_kernels.linear_cpu)."""
+        (plain dots) or cpu (weights packed for the C++ kernels, pallas_kernels.linear_cpu).
+        `screen_greedy_head`: with cpu linears, an f32 head and AMX, steps whose rows are all
+        greedy and need no logprobs take their ids from `linear_cpu.head_argmax` (the same
+        ids; bf16 copy of the head kept besides)."""
         self.config = model.config
         self.attention_backend = attention_backend  # a name in ATTENTION_BACKENDS, fixed
         self.linear_backend = linear_backend
         # the sampler's reductions as C++ kernels where the C++ attention runs (one CPU device)
         self.sampler_kernels = attention_backend == "cpu" and sampling_cpu.load(kernels_cache_dir())
         params = model.params()
+        self.head_screening = False
         if linear_backend == "cpu":
-            params = pack_linear_params(self.config, params)
+            c = self.config
+            head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
+            params = pack_linear_params(c, params)
+            if screen_greedy_head and head.dtype == jnp.float32:
+                self.head_screening = linear_cpu.available(kernels_cache_dir(), "bfloat16")
+            if self.head_screening:
+                params["head_screen"] = {
+                    "bf16": linear_cpu.pack(head.astype(jnp.bfloat16)[None]),
+                    "norms": linear_cpu.head_norms(head),
+                }
         if unroll_layers:  # per-layer weight arrays, so the step copies no weight slices
             params["layers"] = unstack_layers(params["layers"], self.config.num_hidden_layers)
         self.params = params
@@ -201,12 +222,30 @@ class ModelRunner:
         if prompt_index.shape[0]:  # extra logits rows for prompt logprobs
             index = jnp.concatenate([batch.logits_index, prompt_index])
             batch = dataclasses.replace(batch, logits_index=index, num_rows=None)
-        logits, kv_pool = llama_forward(self.config, params, kv_pool, batch, self.attention_backend)
-        sampled = sample(logits[:num_rows], sampling, num_logprobs, self.sampler_kernels)
+        screen = self.head_screening and num_logprobs == 0 and not prompt_index.shape[0]
+        screen = screen and penalty_free(sampling)
+        out, kv_pool = llama_forward(
+            self.config, params, kv_pool, batch, self.attention_backend, head=not screen
+        )
+        if screen:  # out: the final hidden rows; ids screened where no row needs more
+            hs = params["head_screen"]
+
+            def screened() -> SamplerOutput:
+                ids = linear_cpu.head_argmax(out, params["packed"]["head"], hs["bf16"], hs["norms"],
+                                             batch.num_rows)  # fmt: skip
+                return greedy_output(jnp.minimum(ids, self.vocab_size - 1))
+
+            def full() -> SamplerOutput:
+                logits = lm_head(self.config, params, out, batch.num_rows)
+                return sample(logits, sampling, 0, self.sampler_kernels)
+
+            sampled = jax.lax.cond(greedy_without_logprobs(sampling), screened, full)
+        else:
+            sampled = sample(out[:num_rows], sampling, num_logprobs, self.sampler_kernels)
         prompt_out = None
         if prompt_index.shape[0]:
             prompt_out = compute_logprobs(
-                logits[num_rows:], prompt_next, NUM_TOP_LOGPROBS, self.sampler_kernels
+                out[num_rows:], prompt_next, NUM_TOP_LOGPROBS, self.sampler_kernels
             )
         return kv_pool, sampled, prompt_out
 

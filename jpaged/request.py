@@ -19,7 +19,7 @@ class SampleTrack:
     detokenizer: IncrementalDetokenizer
     token_ids: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
-    cumulative_logprob: float = 0.0
+    cumulative_logprob: float | None = 0.0  # None: not tracked (see wants_logprob)
     logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -87,7 +87,8 @@ class RequestState:
             self.metrics.first_token_time = now
         self.metrics.last_token_time = now
         track.token_ids.append(token_id)
-        track.cumulative_logprob += logprob
+        if track.cumulative_logprob is not None:
+            track.cumulative_logprob += logprob
         if top is not None:
             assert track.logprobs is not None
             track.logprobs.append(top)

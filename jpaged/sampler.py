@@ -277,6 +277,29 @@ def compute_logprobs(
     )
 
 
+def penalty_free(t: SamplingTensors) -> bool:
+    """Statically: no row of `t` has penalties or banned ids (the logits are used raw)."""
+    ids = (t.prompt_token_ids, t.output_token_ids, t.banned_token_ids)
+    return all(a.shape[1] == 0 for a in ids)
+
+
+def greedy_without_logprobs(t: SamplingTensors) -> jax.Array:
+    """Traced bool: every row is greedy and none wants its logprob (see wants_logprob)."""
+    return jnp.all(t.temperature < SAMPLING_EPS) & ~jnp.any(t.want_logprob)
+
+
+def greedy_output(token_ids: jax.Array) -> SamplerOutput:
+    """A SamplerOutput of ids alone, for rows that use no logprob (logprob 0, rank 1)."""
+    s = token_ids.shape[0]
+    return SamplerOutput(
+        token_ids=token_ids.astype(jnp.int32),
+        logprob=jnp.zeros(s, jnp.float32),
+        rank=jnp.ones(s, jnp.int32),
+        top_token_ids=jnp.zeros((s, 0), jnp.int32),
+        top_logprobs=jnp.zeros((s, 0), jnp.float32),
+    )
+
+
 def sample(
     logits: jax.Array, t: SamplingTensors, num_logprobs: int, cpu_kernels: bool = False
 ) -> SamplerOutput:

@@ -33,6 +33,7 @@ class SamplingTensors:
     prompt_token_ids: jax.Array  # [S, P] i32 padded with -1; P = 0 when no repetition penalty
     output_token_ids: jax.Array  # [S, O] i32 padded with -1; O = 0 when no penalty at all
     banned_token_ids: jax.Array  # [S, B] i32 padded with -1: stop ids before min_tokens
+    want_logprob: jax.Array  # [S] bool: the row's request uses its sampled logprob
 
 
 @dataclass(slots=True)
@@ -82,6 +83,7 @@ def build_sampling_tensors(rows: Sequence[SamplingRow], num_rows_padded: int) ->
     repetition = np.ones(s, np.float32)
     seed = np.zeros(s, np.uint32)
     step = np.zeros(s, np.int32)
+    want_logprob = np.zeros(s, bool)
     prompts: list[Sequence[int]] = []
     outputs: list[Sequence[int]] = []
     banned: list[list[int]] = []
@@ -94,6 +96,7 @@ def build_sampling_tensors(rows: Sequence[SamplingRow], num_rows_padded: int) ->
         repetition[i] = p.repetition_penalty
         seed[i] = row.seed % (1 << 32)
         step[i] = row.step
+        want_logprob[i] = wants_logprob(p)
         prompts.append(row.prompt_token_ids if p.repetition_penalty != 1.0 else ())
         any_penalty = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
         outputs.append(row.output_token_ids if any_penalty else ())
@@ -112,4 +115,12 @@ def build_sampling_tensors(rows: Sequence[SamplingRow], num_rows_padded: int) ->
         prompt_token_ids=_pad_ids(prompts, s),
         output_token_ids=_pad_ids(outputs, s),
         banned_token_ids=_pad_ids(banned, s),
+        want_logprob=want_logprob,
     )
+
+
+def wants_logprob(params: SamplingParams) -> bool:
+    """Whether a request uses its sampled tokens' logprobs: it asks for logprobs, or it has
+    n > 1 samples (best_of ranks them by cumulative logprob). As in vLLM, the others'
+    cumulative_logprob is None."""
+    return params.logprobs is not None or params.n > 1

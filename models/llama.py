@@ -176,8 +176,10 @@ def llama_forward(
     kv_pool: jax.Array,
     batch: ModelBatch,
     attention_backend: str = "xla",
+    head: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-    """The model as a pure function. Returns (logits [R, v] f32, kv_pool).
+    """The model as a pure function. Returns (logits [R, v] f32, kv_pool), or with
+    head=False the final (normed) hidden rows [R, d] instead of the logits (see `lm_head`).
 
     params: embed [v, d], final_norm [d], inv_freq [e/2], lm_head [d, v] (untied only), and
     layers: either a dict of stacked [L, ...] weights, run under `lax.scan` (compile time
@@ -205,13 +207,18 @@ def llama_forward(
         for i, w in enumerate(layers):
             x, kv_pool = decoder_layer(c, w, i, x, kv_pool, batch, rope, attention_backend, packed)
     x = rms_norm(x[batch.logits_index], params["final_norm"], c.rms_norm_eps)  # [r, d]
-    if packed is not None:
-        head = packed["head"]
-        logits = linear_cpu(x, head, 0, n=c.vocab_size, out_dtype=jnp.float32, rows=batch.num_rows)
-        return logits, kv_pool
+    if not head:
+        return x, kv_pool
+    return lm_head(c, params, x, batch.num_rows), kv_pool
+
+
+def lm_head(c: LlamaConfig, params: dict, x: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+    """Logits [r, v] f32 of the final hidden rows x [r, d]; rows: the real ones (see linear_cpu)."""
+    if "packed" in params:
+        head = params["packed"]["head"]
+        return linear_cpu(x, head, 0, n=c.vocab_size, out_dtype=jnp.float32, rows=rows)
     head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
-    logits = jnp.dot(x, head, preferred_element_type=jnp.float32)  # [r, v]
-    return logits, kv_pool
+    return jnp.dot(x, head, preferred_element_type=jnp.float32)
 
 
 class Llama(nnx.Module):

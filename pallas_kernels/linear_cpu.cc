@@ -24,9 +24,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <type_traits>
 #include <vector>
@@ -513,6 +515,99 @@ ffi::Error RopeQkvImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer qkv, ffi::Buf
 #endif
 }
 
+
+// ---- greedy ids of an f32 head, screened on AMX -----------------------------------------
+//
+// A greedy step needs only the first argmax of each row's logits z = x @ W. `scores` holds
+// s = bf16(x) @ bf16(W) with f32 sums (the AMX linear); |z_v - s_v| <= B_v, where
+//   B_v = c |x| |w_v|,  c = (2^-8 + 2^-17 + 3 K 2^-24) x 1.25
+// (rounding x and w_v to bf16 moves each product by at most 2^-8 + 2^-18 of |x_i w_vi|, and
+// both the AMX and the f32 FMA chain round their K sums by at most K 2^-24 and 2 K 2^-24 of
+// sum |x_i w_vi| <= |x| |w_v|; 1.25 covers the f32 norms). With T = max_v (s_v - B_v) <=
+// max z, every v with s_v + B_v < T has z_v < max z, so the first argmax is among the others.
+// Their panels are recomputed exactly with the f32 kernel's own FMA chain, so the id is the
+// one JpagedLinearF32's logits give, bit for bit. Rows whose x or scores are not finite get
+// every panel exact (NaN: id V, as JpagedRowArgmax gives).
+#if defined(__AVX512F__)
+void head_argmax_row(const ProblemF32& p, const float* s, const float* norms, float* exact,
+                     int32_t* out) {
+  const int64_t v = p.n, k = p.k;
+  double sq = 0;
+  for (int64_t i = 0; i < k; ++i) sq += static_cast<double>(p.x[i]) * p.x[i];
+  const double c = (std::ldexp(1.0, -8) + std::ldexp(1.0, -17) + 3.0 * k * std::ldexp(1.0, -24));
+  const float slack = static_cast<float>(1.25 * c * std::sqrt(sq));
+  const __m512 sl = _mm512_set1_ps(slack);
+  __m512 tv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < v; i += 16) {
+    const __mmask16 m = i + 16 <= v ? 0xffff : static_cast<__mmask16>((1u << (v - i)) - 1);
+    const __m512 lo = _mm512_fnmadd_ps(sl, _mm512_maskz_loadu_ps(m, norms + i),
+                                       _mm512_maskz_loadu_ps(m, s + i));
+    tv = _mm512_mask_max_ps(tv, m, tv, lo);
+  }
+  const float t = _mm512_reduce_max_ps(tv);
+  const bool screened = std::isfinite(slack) && std::isfinite(t);
+  const __m512 tt = _mm512_set1_ps(t);
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t id = -1;
+  bool nan = false;
+  for (int64_t j = 0; j * kPanelF32 < v; ++j) {
+    const int64_t n0 = j * kPanelF32, cols = std::min<int64_t>(kPanelF32, v - n0);
+    if (screened) {  // skip the panel unless a column's upper bound reaches t
+      __mmask16 hit = 0;
+      for (int64_t h = 0; h < cols; h += 16) {
+        const int64_t i = n0 + h;
+        const __mmask16 m = h + 16 <= cols ? 0xffff
+                                           : static_cast<__mmask16>((1u << (cols - h)) - 1);
+        const __m512 up = _mm512_fmadd_ps(sl, _mm512_maskz_loadu_ps(m, norms + i),
+                                          _mm512_maskz_loadu_ps(m, s + i));
+        hit |= _mm512_mask_cmp_ps_mask(m, up, tt, _CMP_GE_OQ);
+      }
+      if (hit == 0) continue;
+    }
+    micro_f32<1>(p, 0, j, nullptr);  // exact logits of the panel, into exact[n0 ..)
+    for (int64_t i = n0; i < n0 + cols; ++i) {
+      nan |= std::isnan(exact[i]);
+      if (id < 0 || exact[i] > best) best = exact[i], id = i;
+    }
+  }
+  *out = static_cast<int32_t>(nan || id < 0 ? v : id);
+}
+#endif
+
+ffi::Error HeadArgmaxImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> scores,
+                          ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                          ffi::Buffer<ffi::F32> norms, ffi::Buffer<ffi::S32> rows,
+                          ffi::Result<ffi::Buffer<ffi::S32>> ids) {
+#if defined(__AVX512F__)
+  auto sd = scores.dimensions();
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (sd.size() != 2 || xd.size() != 2 || wd.size() != 4 || xd[0] != sd[0] || wd[0] != 1 ||
+      wd[2] != xd[1] || wd[3] != kPanelF32 || sd[1] > wd[1] * kPanelF32 ||
+      sd[1] <= (wd[1] - 1) * kPanelF32 || norms.dimensions().size() != 1 ||
+      norms.dimensions()[0] != sd[1] || ids->dimensions().size() != 1 ||
+      ids->dimensions()[0] != sd[0]) {
+    return ffi::Error::InvalidArgument(
+        "head_argmax: need scores [R, V], x [R, K], w [1, NP, K, 32], norms [V], ids [R]");
+  }
+  const int64_t v = sd[1], k = xd[1];
+  int32_t* out = ids->typed_data();
+  const int64_t live = std::clamp<int64_t>(rows.typed_data()[0], 0, sd[0]);
+  std::fill(out + live, out + sd[0], 0);
+  parallel_panels(thread_pool, live, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> exact;
+    exact.resize(std::max<size_t>(exact.size(), wd[1] * kPanelF32));
+    for (int64_t r = begin; r < end; ++r) {
+      ProblemF32 p{x.typed_data() + r * k, w.typed_data(), 1, k, v, wd[1], exact.data()};
+      head_argmax_row(p, scores.typed_data() + r * v, norms.typed_data(), exact.data(), out + r);
+    }
+  });
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal("head_argmax: built for a CPU without AVX-512");
+#endif
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearAmx, LinearAmxImpl,
@@ -548,3 +643,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedRopeQkv, RopeQkvImpl,
                                   .Ret<ffi::AnyBuffer>()           // q [T, H, E]
                                   .Ret<ffi::AnyBuffer>()           // k [T, KV, E]
                                   .Ret<ffi::AnyBuffer>());         // v [T, KV, E]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedHeadArgmax, HeadArgmaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // scores [R, V] (bf16 products)
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [R, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // w [1, NP, K, 32]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // norms [V]: |w_v|
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // rows to compute
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // ids [R]

@@ -8,6 +8,10 @@ index (`linear_cpu.cc`):
 - float32: AVX-512 FMA, panels of 32 columns ([L, N/32, K, 32]); 14 x 32 register blocks.
 - bfloat16: Intel AMX tiles ([L, NB, KB, 16, 32], TDPBF16PS: bf16 products, f32 sums).
 
+`head_argmax` gives a greedy step's ids from an f32 head in a fraction of its flops: bf16
+scores on AMX bound each logit, and only the panels that may hold the first argmax are
+recomputed exactly (the same ids as the f32 logits, bit for bit).
+
 `silu_mul` is SwiGLU's silu(gate) * up between the gate|up and the down linear, one AVX-512
 pass (XLA:CPU's bf16 silu runs at ~5 ns an element); `rope_qkv` splits the fused q|k|v
 projection and applies RoPE to q and k in one bf16 pass.
@@ -33,6 +37,7 @@ _TARGETS = {
     "jpaged_linear_f32": "JpagedLinearF32",
     "jpaged_silu_mul": "JpagedSiluMul",
     "jpaged_rope_qkv": "JpagedRopeQkv",
+    "jpaged_head_argmax": "JpagedHeadArgmax",
 }
 _TILE_K, _TILE_N, _PANEL_N = 32, 16, 32
 DTYPES = ("float32", "bfloat16")
@@ -125,6 +130,34 @@ def linear_cpu(
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], n), out_dtype))
     rows = jnp.asarray(x2.shape[0] if rows is None else rows, jnp.int32).reshape(())
     return call(x2, packed, jnp.asarray(layer, jnp.int32).reshape(()), rows).reshape(*lead, n)
+
+
+def head_norms(head: jax.Array) -> jax.Array:
+    """|w_v| for each column v of an unpacked [K, V] head, f32 (for `head_argmax`)."""
+    return jnp.sqrt(jnp.sum(jnp.square(head.astype(jnp.float32)), axis=0))
+
+
+@jax.jit
+def head_argmax(
+    x: jax.Array,
+    packed_f32: jax.Array,
+    packed_bf16: jax.Array,
+    norms: jax.Array,
+    rows: jax.Array | int | None = None,
+) -> jax.Array:
+    """First argmax of each row of x [R, K] f32 @ the head, without the f32 product: [R] i32.
+
+    packed_f32 / packed_bf16: the [K, V] head packed (`pack`, L = 1) as f32 and as bf16;
+    norms: `head_norms`. The ids equal those of `linear_cpu(x, packed_f32, 0, n=V)`'s logits
+    (first maximum; V for a row with NaN). rows: only the first `rows` rows (the others give
+    0). Needs AMX-BF16 (`available(build_dir, "bfloat16")`).
+    """
+    v = norms.shape[0]
+    scores = linear_cpu(x.astype(jnp.bfloat16), packed_bf16, 0, n=v, out_dtype=jnp.float32,
+                        rows=rows)  # fmt: skip
+    rows = jnp.asarray(x.shape[0] if rows is None else rows, jnp.int32).reshape(())
+    call = jax.ffi.ffi_call("jpaged_head_argmax", jax.ShapeDtypeStruct((x.shape[0],), jnp.int32))
+    return call(scores, x, packed_f32, norms, rows)
 
 
 @jax.jit

@@ -172,3 +172,42 @@ def test_prompt_logprobs_match_generation_logprobs(tiny_model, tokenizer, budget
         assert entry[tok].rank == 1  # greedy tokens are the top-1
         np.testing.assert_allclose(entry[tok].logprob, gen.logprobs[i][tok].logprob, atol=1e-4)
     assert all(len(e) in (2, 3) for e in plp[1:])  # top-2 plus the actual token
+
+
+def test_screened_greedy_head_gives_the_same_tokens(tiny_model, tokenizer, one_at_a_time):
+    """Greedy steps take their ids from linear_cpu.head_argmax where it can run (f32 head,
+    cpu linears, AMX); ids must equal the full f32 logits' path, plain and speculative, and
+    a request that wants logprobs turns the screen off for its steps only."""
+    prompts, params = workload(12)
+    screened = make_llm(tiny_model, tokenizer)
+    if not screened.engine.runner.head_screening:
+        pytest.skip("no head screening here (needs the cpu linears and AMX-BF16)")
+    full = make_llm(tiny_model, tokenizer, screen_greedy_head=False)
+    assert not full.engine.runner.head_screening
+    want = token_ids(full.generate(prompts, params, use_tqdm=False))
+    assert want == one_at_a_time  # one_at_a_time ran screened, one request at a time
+    assert token_ids(screened.generate(prompts, params, use_tqdm=False)) == want
+    spec = make_llm(tiny_model, tokenizer,
+                    speculative_config={"method": "ngram", "num_speculative_tokens": 3})  # fmt: skip
+    assert token_ids(spec.generate(prompts, params, use_tqdm=False)) == want
+    mixed = list(params)
+    mixed[3] = SamplingParams(temperature=0, ignore_eos=True, max_tokens=params[3].max_tokens,
+                              logprobs=1)  # fmt: skip
+    outs = screened.generate(prompts, mixed, use_tqdm=False)
+    assert token_ids(outs) == want
+
+
+def test_cumulative_logprob_only_where_used(tiny_model, tokenizer):
+    """As vLLM: None unless the request asks for logprobs or has n > 1 samples."""
+    llm = make_llm(tiny_model, tokenizer)
+    prompt = [[5, 6, 7, 8]]
+    plain = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert plain[0].outputs[0].cumulative_logprob is None
+    asked = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4, logprobs=0),
+                         use_tqdm=False)[0].outputs[0]  # fmt: skip
+    assert asked.token_ids == plain[0].outputs[0].token_ids
+    total = sum(next(iter(d.values())).logprob for d in asked.logprobs)
+    assert asked.cumulative_logprob == pytest.approx(total) and asked.cumulative_logprob < 0
+    two = llm.generate(prompt, SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=4),
+                       use_tqdm=False)[0]  # fmt: skip
+    assert all(o.cumulative_logprob is not None and o.cumulative_logprob < 0 for o in two.outputs)

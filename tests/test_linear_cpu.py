@@ -223,3 +223,51 @@ def test_rope_qkv_refuses_what_it_does_not_take():
     for qkv in (jnp.zeros((2, 5 * 64), jnp.float32), jnp.zeros((2, 4 * 64), jnp.bfloat16)):
         with pytest.raises(ValueError, match="qkv must be"):
             linear_cpu.rope_qkv(qkv, cos, sin, num_heads=3, num_kv_heads=1)
+
+
+def _head_case(rng: np.random.Generator, k: int, v: int, rows: int):
+    """A random [k, v] head and rows of x, with the hard cases for `head_argmax`: a column
+    duplicated (an exact tie: the first must win), one a hair off its twin (bf16 cannot
+    tell them apart), and rows pointing at those columns."""
+    w = rng.standard_normal((k, v)).astype(np.float32) * 0.05
+    w[:, v - 3] = w[:, 5]  # exact twin, later index
+    w[:, 7] = w[:, 6] * np.float32(1 + 2**-20)  # near twin
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[0] = 40 * w[:, 5]  # ties at 5 and v - 3
+    x[1] = 40 * w[:, 6] + 1e-3 * x[1]  # 6 vs 7 decided below bf16's resolution
+    x[2] = 0.0  # all logits 0: id 0
+    return jnp.asarray(w), jnp.asarray(x)
+
+
+@needs["bfloat16"]
+@pytest.mark.parametrize("k,v,rows", [(64, 1000, 5), (576, 4099, 37), (96, 33, 3)])
+def test_head_argmax_gives_the_f32_logits_first_argmax(k, v, rows):
+    rng = np.random.default_rng(k + v)
+    w, x = _head_case(rng, k, v, rows)
+    packed = linear_cpu.pack(w[None])
+    args = (packed, linear_cpu.pack(w.astype(jnp.bfloat16)[None]), linear_cpu.head_norms(w))
+    logits = np.asarray(linear_cpu.linear_cpu(x, packed, 0, n=v, out_dtype=jnp.float32))
+    want = logits.argmax(axis=1)  # numpy: first maximum
+    assert want[0] == 5 and want[2] == 0
+    np.testing.assert_array_equal(np.asarray(linear_cpu.head_argmax(x, *args)), want)
+    # rows past `rows` give 0; a NaN row gives V, as row_argmax does
+    got = np.asarray(linear_cpu.head_argmax(x, *args, rows=2))
+    np.testing.assert_array_equal(got, np.concatenate([want[:2], np.zeros(rows - 2, int)]))
+    nan_x = x.at[1, 3].set(jnp.nan)
+    assert np.asarray(linear_cpu.head_argmax(nan_x, *args))[1] == v
+
+
+@needs["bfloat16"]
+def test_head_argmax_matches_on_the_default_models_head():
+    """SmolLM2's own (tied) head, rows from random hidden states scaled as the final norm's."""
+    from jpaged.llm import LLM
+
+    llm = LLM(dtype="float32")
+    runner = llm.engine.runner
+    assert runner.head_screening
+    packed, hs = runner.params["packed"]["head"], runner.params["head_screen"]
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((64, 576)).astype(np.float32) * 2.0)
+    logits = np.asarray(linear_cpu.linear_cpu(x, packed, 0, n=49152, out_dtype=jnp.float32))
+    got = linear_cpu.head_argmax(x, packed, hs["bf16"], hs["norms"])
+    np.testing.assert_array_equal(np.asarray(got), logits.argmax(axis=1))
