@@ -34,8 +34,9 @@ def main() -> None:
 
     spec = {"method": "ngram", "num_speculative_tokens": 3} if args.ngram else None
     engines = {
-        name: jpaged.LLM(dtype="float32", warmup="decode", speculative_config=spec,
-                         screen_greedy_head=screen)  # fmt: skip
+        name: jpaged.LLM(
+            dtype="float32", warmup="decode", speculative_config=spec, screen_greedy_head=screen
+        )  # fmt: skip
         for name, screen in (("screened", True), ("full", False))
     }
     if not engines["screened"].engine.runner.head_screening:
