@@ -45,10 +45,11 @@ class EngineConfig:
     # auto: cpu (C++ kernels over weights packed once: f32 on AVX-512, bf16 on AMX tiles) for
     # float weights on one CPU device that has the instructions, else xla (plain dots)
     linear_backend: str = "auto"
-    # cpu linears with an f32 head on AMX: a step whose rows are all greedy without logprobs
-    # takes its ids from bf16 scores and exact f32 recomputes of the panels that may hold the
-    # argmax (the same ids as the f32 logits; a bf16 copy of the head is kept besides)
-    screen_greedy_head: bool = True
+    # cpu linears on AMX: a step whose rows are all greedy without logprobs takes its ids
+    # without writing the logits (the same ids): a bf16 head's argmax in its kernel; an f32
+    # head screened on bf16 scores, exact f32 recomputes of the panels that may hold the
+    # argmax (a bf16 copy of the head is kept besides)
+    fast_greedy_head: bool = True
     tensor_parallel_size: int = 1  # devices one model replica is sharded over
     mesh: Any = None  # {"dp": D, "tp": T} or "dp=D,tp=T" (jpaged.mesh); None: dp=1
     # vLLM's {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,

@@ -152,6 +152,6 @@ def build_runner(
         unroll_layers=config.unroll_layers,
         mesh=mesh,
         linear_backend=linear_backend,
-        screen_greedy_head=config.screen_greedy_head,
+        fast_greedy_head=config.fast_greedy_head,
     )
     return runner, num_blocks

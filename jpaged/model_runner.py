@@ -25,8 +25,8 @@ from jpaged.paths import kernels_cache_dir
 from jpaged.sampler import (
     SamplerOutput,
     compute_logprobs,
-    greedy_output,
     greedy_without_logprobs,
+    ids_only_output,
     penalty_free,
     sample,
 )
@@ -164,27 +164,29 @@ class ModelRunner:
         unroll_layers: bool = False,
         mesh: jax.sharding.Mesh | None = None,
         linear_backend: str = "xla",
-        screen_greedy_head: bool = True,
+        fast_greedy_head: bool = True,
     ) -> None:
         """`mesh`: the weights and pool are sharded over it (jpaged.sharded_model); step
         outputs are replicated on it, the pool keeps its sharding. `linear_backend`: xla
         (plain dots) or cpu (weights packed for the C++ kernels, pallas_kernels.linear_cpu).
-        `screen_greedy_head`: with cpu linears, an f32 head and AMX, steps whose rows are all
-        greedy and need no logprobs take their ids from `linear_cpu.head_argmax` (the same
-        ids; bf16 copy of the head kept besides)."""
+        `fast_greedy_head`: with cpu linears on AMX, steps whose rows are all greedy and need
+        no logprobs take their ids without the f32 logits (the same ids): a bf16 head from
+        `linear_cpu.linear_argmax`, an f32 one from `linear_cpu.head_argmax` (a bf16 copy of
+        the head kept besides)."""
         self.config = model.config
         self.attention_backend = attention_backend  # a name in ATTENTION_BACKENDS, fixed
         self.linear_backend = linear_backend
         # the sampler's reductions as C++ kernels where the C++ attention runs (one CPU device)
         self.sampler_kernels = attention_backend == "cpu" and sampling_cpu.load(kernels_cache_dir())
         params = model.params()
-        self.head_screening = False
+        self.head_screening = self.head_argmax = False  # the fast greedy path, f32 / bf16
         if linear_backend == "cpu":
             c = self.config
             head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
             params = pack_linear_params(c, params)
-            if screen_greedy_head and head.dtype == jnp.float32:
-                self.head_screening = linear_cpu.available(kernels_cache_dir(), "bfloat16")
+            if fast_greedy_head and linear_cpu.available(kernels_cache_dir(), "bfloat16"):
+                self.head_screening = head.dtype == jnp.float32
+                self.head_argmax = head.dtype == jnp.bfloat16
             if self.head_screening:
                 params["head_screen"] = {
                     "bf16": linear_cpu.pack(head.astype(jnp.bfloat16)[None]),
@@ -222,24 +224,27 @@ class ModelRunner:
         if prompt_index.shape[0]:  # extra logits rows for prompt logprobs
             index = jnp.concatenate([batch.logits_index, prompt_index])
             batch = dataclasses.replace(batch, logits_index=index, num_rows=None)
-        screen = self.head_screening and num_logprobs == 0 and not prompt_index.shape[0]
-        screen = screen and penalty_free(sampling)
+        fast = self.head_screening or self.head_argmax
+        fast = fast and num_logprobs == 0 and not prompt_index.shape[0] and penalty_free(sampling)
         out, kv_pool = llama_forward(
-            self.config, params, kv_pool, batch, self.attention_backend, head=not screen
+            self.config, params, kv_pool, batch, self.attention_backend, head=not fast
         )
-        if screen:  # out: the final hidden rows; ids screened where no row needs more
-            hs = params["head_screen"]
+        if fast:  # out: the final hidden rows; ids alone where no row needs more
 
-            def screened() -> SamplerOutput:
-                ids = linear_cpu.head_argmax(out, params["packed"]["head"], hs["bf16"], hs["norms"],
-                                             batch.num_rows)  # fmt: skip
-                return greedy_output(jnp.minimum(ids, self.vocab_size - 1))
+            def greedy_ids() -> SamplerOutput:
+                head, v = params["packed"]["head"], self.vocab_size
+                if self.head_screening:
+                    hs = params["head_screen"]
+                    ids = linear_cpu.head_argmax(out, head, hs["bf16"], hs["norms"], batch.num_rows)
+                else:
+                    ids = linear_cpu.linear_argmax(out, head, n=v, rows=batch.num_rows)
+                return ids_only_output(jnp.minimum(ids, v - 1))
 
             def full() -> SamplerOutput:
                 logits = lm_head(self.config, params, out, batch.num_rows)
                 return sample(logits, sampling, 0, self.sampler_kernels)
 
-            sampled = jax.lax.cond(greedy_without_logprobs(sampling), screened, full)
+            sampled = jax.lax.cond(greedy_without_logprobs(sampling), greedy_ids, full)
         else:
             sampled = sample(out[:num_rows], sampling, num_logprobs, self.sampler_kernels)
         prompt_out = None

@@ -288,8 +288,9 @@ def greedy_without_logprobs(t: SamplingTensors) -> jax.Array:
     return jnp.all(t.temperature < SAMPLING_EPS) & ~jnp.any(t.want_logprob)
 
 
-def greedy_output(token_ids: jax.Array) -> SamplerOutput:
-    """A SamplerOutput of ids alone, for rows that use no logprob (logprob 0, rank 1)."""
+def ids_only_output(token_ids: jax.Array) -> SamplerOutput:
+    """A SamplerOutput of ids alone, for rows that use no logprob (logprob 0, rank 1);
+    greedy or sampled."""
     s = token_ids.shape[0]
     return SamplerOutput(
         token_ids=token_ids.astype(jnp.int32),
@@ -306,7 +307,8 @@ def sample(
     """Next token per row from [S, V] logits; `num_logprobs` is static (0 or K).
 
     Greedy rows take the first argmax of the penalised logits; other rows draw with key
-    fold_in(key(seed), step). Logprobs are of the raw (unpenalised, untempered) logits.
+    fold_in(key(seed), step). Logprobs are of the raw (unpenalised, untempered) logits, computed
+    only when num_logprobs > 0 or a row wants its logprob (else 0, rank 1).
     cpu_kernels: the argmax and the logprob reductions run as pallas_kernels.sampling_cpu's
     C++ kernels (loaded; same ids and ranks, logprobs equal up to summation order).
     """
@@ -321,4 +323,10 @@ def sample(
     )
     # NaN weights (e.g. extreme penalties) must never yield an id outside the vocabulary
     token_ids = jnp.clip(token_ids, 0, logits.shape[1] - 1)
-    return compute_logprobs(logits, token_ids, num_logprobs, cpu_kernels)
+    if num_logprobs > 0:
+        return compute_logprobs(logits, token_ids, num_logprobs, cpu_kernels)
+    return jax.lax.cond(  # the logsumexp over the vocabulary only where a row uses it
+        jnp.any(t.want_logprob),
+        lambda: compute_logprobs(logits, token_ids, 0, cpu_kernels),
+        lambda: ids_only_output(token_ids),
+    )

@@ -23,6 +23,7 @@ from models.rope import apply_rope, rope_inv_freq, rope_tables
 from pallas_kernels import attention_functions
 from pallas_kernels.linear_cpu import (
     linear_cpu,
+    linear_swiglu,
     packed_rows,
     rope_qkv,
     rope_qkv_supported,
@@ -165,8 +166,12 @@ def decoder_layer(
     if packed is None:
         gated = jax.nn.silu(linear(h, w, "w_gate")) * linear(h, w, "w_up")
         return x + linear(gated, w, "w_down"), kv_pool
-    gate_up = linear_cpu(h, packed["gate_up"], layer_idx, n=2 * c.intermediate_size, rows=live)
-    down = linear_cpu(silu_mul(gate_up), packed["down"], layer_idx, n=c.hidden_size, rows=live)
+    f = c.intermediate_size
+    if "gate_up_swiglu" in packed:
+        gated = linear_swiglu(h, packed["gate_up_swiglu"], layer_idx, f=f, rows=live)
+    else:
+        gated = silu_mul(linear_cpu(h, packed["gate_up"], layer_idx, n=2 * f, rows=live))
+    down = linear_cpu(gated, packed["down"], layer_idx, n=c.hidden_size, rows=live)
     return x + down, kv_pool
 
 

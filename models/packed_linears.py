@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import LlamaConfig
-from pallas_kernels.linear_cpu import pack
+from pallas_kernels.linear_cpu import pack, pack_swiglu
 
 # The cpu linear backend's packed linears: name -> the layer weights it concatenates along N.
 PACKED_GROUPS = {
@@ -25,15 +25,20 @@ def pack_linear_params(c: LlamaConfig, params: dict) -> dict:
     """Stacked f32 / bf16 params -> the same with every linear (and the head) packed for the
     `cpu` linear kernels (pallas_kernels.linear_cpu.pack).
 
-    The packed arrays go under params["packed"] (see PACKED_GROUPS; "head" has L = 1); the
+    The packed arrays go under params["packed"] (see PACKED_GROUPS; "head" has L = 1; bf16
+    gate|up goes as "gate_up_swiglu", `pack_swiglu`'s layout, where F % 16 == 0); the
     layers keep only their norms and biases. A tied embedding is then looked up in the packed
     head, so params drop "embed" (no second copy of it).
     """
     layers = dict(params["layers"])
-    packed = {
-        group: pack(jnp.concatenate([layers.pop(n) for n in names], axis=-1))
-        for group, names in PACKED_GROUPS.items()
-    }
+    groups = dict(PACKED_GROUPS)
+    packed = {}
+    if layers["w_gate"].dtype == jnp.bfloat16 and c.intermediate_size % 16 == 0:
+        # SwiGLU in the gate|up kernel's epilogue (linear_swiglu): no [M, 2F] product
+        del groups["gate_up"]
+        packed["gate_up_swiglu"] = pack_swiglu(layers.pop("w_gate"), layers.pop("w_up"))
+    for group, names in groups.items():
+        packed[group] = pack(jnp.concatenate([layers.pop(n) for n in names], axis=-1))
     head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
     packed["head"] = pack(head[None])
     params = {**params, "layers": layers, "packed": packed}

@@ -55,8 +55,71 @@ struct Problem {
   const uint16_t* w;  // this layer's [nb, kb, 16, 32]
   int64_t m, mp, kb, n, nb;
   bool out_f32;
+  bool swiglu;  // W's B tiles alternate gate / up columns: out = silu(gate) * up, [m, n = F]
   void* out;  // [m, n]
+  // Greedy ids instead of y (JpagedLinearAmxArgmax): this worker's best value, its column
+  // (INT32_MAX: none yet) and a NaN flag per row, over the panels it computed.
+  float* best = nullptr;
+  int32_t* best_id = nullptr;
+  uint8_t* has_nan = nullptr;
 };
+
+// Folds a block's f32 results into the worker's per-row first maximum. Columns reach a row in
+// increasing order within a worker, so a later equal value never replaces the held one.
+void argmax_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int64_t n0) {
+  const int64_t cols = std::min<int64_t>(2 * kTileN, p.n - n0);
+  const __mmask16 m_lo = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m_hi =
+      cols >= 32 ? 0xffff : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = m0 + r;
+    const float* src = c + r * 2 * kTileN;
+    const __m512 a = _mm512_mask_loadu_ps(ninf, m_lo, src);
+    const __m512 b = _mm512_mask_loadu_ps(ninf, m_hi, src + kTileN);
+    if (_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q)) {
+      p.has_nan[row] = 1;
+      continue;
+    }
+    const __m512 held = _mm512_set1_ps(p.best[row]);
+    const bool first = p.best_id[row] == std::numeric_limits<int32_t>::max();
+    const bool any = first ? (_mm512_cmp_ps_mask(a, held, _CMP_GE_OQ) |
+                              _mm512_cmp_ps_mask(b, held, _CMP_GE_OQ)) != 0
+                           : (_mm512_cmp_ps_mask(a, held, _CMP_GT_OQ) |
+                              _mm512_cmp_ps_mask(b, held, _CMP_GT_OQ)) != 0;
+    if (!any) continue;
+    const float top = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+    const __m512 tv = _mm512_set1_ps(top);
+    const __mmask16 in_a = _mm512_cmp_ps_mask(a, tv, _CMP_EQ_OQ);
+    const int64_t j = in_a ? __builtin_ctz(in_a) : 16 + __builtin_ctz(_mm512_cmp_ps_mask(b, tv, _CMP_EQ_OQ));
+    p.best[row] = top;
+    p.best_id[row] = static_cast<int32_t>(n0 + j);
+  }
+}
+
+#if defined(__AVX512F__)
+inline __m512 silu16(__m512 g);
+inline __m512 bf16_bits_to_f32(__m256i h);
+inline __m256i to_bf16(__m512 v);
+#endif
+
+// SwiGLU's epilogue: the block's two tiles hold gate and up for the same 16 columns of y.
+// Rounds as the unfused path does (gate|up written as bf16 by the same instruction, then
+// silu_mul's roundings: silu to bf16, then the product).
+void write_swiglu_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int64_t n0) {
+  const int64_t cols = std::min<int64_t>(kTileN, p.n - n0);
+  const __mmask16 m = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = c + r * 2 * kTileN;
+    __m512bh gh = _mm512_cvtne2ps_pbh(_mm512_load_ps(src + kTileN), _mm512_load_ps(src));
+    const __m512i both = reinterpret_cast<__m512i&>(gh);  // gate in the low 16, up in the high
+    const __m512 g = bf16_bits_to_f32(_mm512_castsi512_si256(both));
+    const __m512 u = bf16_bits_to_f32(_mm512_extracti64x4_epi64(both, 1));
+    const __m512 sg = bf16_bits_to_f32(to_bf16(silu16(g)));
+    uint16_t* dst = static_cast<uint16_t*>(p.out) + (m0 + r) * p.n + n0;
+    _mm256_mask_storeu_epi16(dst, m, to_bf16(_mm512_mul_ps(sg, u)));
+  }
+}
 
 void write_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int64_t n0) {
   const int64_t cols = std::min<int64_t>(2 * kTileN, p.n - n0);
@@ -131,7 +194,13 @@ void block(const Problem& p, int64_t item, int64_t m0, bool stream) {
     _tile_stored(3, c + kTileRows * 2 * kTileN + kTileN, 2 * kTileN * sizeof(float));
   }
   const int64_t rows = std::min<int64_t>(two ? 2 * kTileRows : kTileRows, p.m - m0);
-  write_rows(p, c, m0, rows, 2 * kTileN * item);
+  if (p.best != nullptr) {
+    argmax_rows(p, c, m0, rows, 2 * kTileN * item);
+  } else if (p.swiglu) {
+    write_swiglu_rows(p, c, m0, rows, kTileN * item);
+  } else {
+    write_rows(p, c, m0, rows, 2 * kTileN * item);
+  }
 }
 
 // Panels [begin, end) for every row. Rows go in groups of kGroupRows (x's group stays in
@@ -284,41 +353,14 @@ ffi::Error LinearF32Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x,
 #endif
 }
 
-ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                         ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
-                         ffi::Result<ffi::AnyBuffer> out) {
 #if defined(JPAGED_HAVE_AMX)
-  auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  auto od = out->dimensions();
-  if (x.element_type() != ffi::DataType::BF16 || w.element_type() != ffi::DataType::BF16 ||
-      (out->element_type() != ffi::DataType::BF16 && out->element_type() != ffi::DataType::F32)) {
-    return ffi::Error::InvalidArgument("linear_amx: x and w must be bf16, out bf16 or f32");
-  }
-  if (xd.size() != 2 || wd.size() != 5 || od.size() != 2 || wd[3] != 16 || wd[4] != 32 ||
-      wd[1] % 2 != 0 || od[0] != xd[0] || (xd[1] + kTileK - 1) / kTileK != wd[2] ||
-      od[1] > wd[1] * kTileN || od[1] <= (wd[1] - 2) * kTileN) {
-    return ffi::Error::InvalidArgument("linear_amx: bad x / w / out shapes");
-  }
-  const int64_t l = layer.typed_data()[0];
-  if (l < 0 || l >= wd[0]) return ffi::Error::InvalidArgument("linear_amx: layer out of range");
-  if (!amx_permitted()) return ffi::Error::Internal("linear_amx: the kernel refused AMX state");
-
-  Problem p;
-  p.kb = wd[2];
-  p.n = od[1];
-  p.nb = wd[1];
-  p.w = static_cast<const uint16_t*>(w.untyped_data()) + l * p.nb * p.kb * kTileElems;
-  p.out_f32 = out->element_type() == ffi::DataType::F32;
-  p.out = out->untyped_data();
-  p.m = live_rows(rows, xd[0], p.n, p.out_f32 ? 4 : 2, p.out);
-  p.mp = (p.m + kTileRows - 1) / kTileRows * kTileRows;
-  if (p.m == 0) return ffi::Error::Success();
-  // x in A-tile order, [mp / 16, kb, 16, 32] zero padded, so every tile load is 1 KB
-  // contiguous (row-strided tile loads from L2 stall on line fills).
-  // Only the padding is zeroed: rows past m, and each row's K tail (the buffer is reused by
-  // this thread's later calls, so it holds old rows).
-  const int64_t k = xd[1];
+// Packs x's first p.m rows into this thread's A tiles and points p.x at them: x in A-tile
+// order, [mp / 16, kb, 16, 32] zero padded, so every tile load is 1 KB contiguous
+// (row-strided tile loads from L2 stall on line fills). Only the padding is zeroed: rows past
+// m, and each row's K tail (the buffer is reused by this thread's later calls, so it holds
+// old rows).
+void pack_x(ffi::ThreadPool& thread_pool, const ffi::AnyBuffer& x, Problem& p) {
+  const int64_t k = x.dimensions()[1];
   thread_local std::vector<uint16_t> tiles;
   tiles.resize(std::max<size_t>(tiles.size(), p.mp * p.kb * kTileK));
   const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
@@ -342,6 +384,44 @@ ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::Any
     pack_rows(0, p.mp);
   }
   p.x = packed_x;
+}
+#endif
+
+template <bool kSwiglu>
+ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                         ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
+                         ffi::Result<ffi::AnyBuffer> out) {
+#if defined(JPAGED_HAVE_AMX)
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto od = out->dimensions();
+  if (x.element_type() != ffi::DataType::BF16 || w.element_type() != ffi::DataType::BF16 ||
+      (out->element_type() != ffi::DataType::BF16 && out->element_type() != ffi::DataType::F32)) {
+    return ffi::Error::InvalidArgument("linear_amx: x and w must be bf16, out bf16 or f32");
+  }
+  const int64_t out_cols = kSwiglu ? 2 * od[1] : od[1];  // W's columns: gate and up for each
+  if (xd.size() != 2 || wd.size() != 5 || od.size() != 2 || wd[3] != 16 || wd[4] != 32 ||
+      wd[1] % 2 != 0 || od[0] != xd[0] || (xd[1] + kTileK - 1) / kTileK != wd[2] ||
+      out_cols > wd[1] * kTileN || out_cols <= (wd[1] - 2) * kTileN ||
+      (kSwiglu && (od[1] % kTileN != 0 || out->element_type() != ffi::DataType::BF16))) {
+    return ffi::Error::InvalidArgument("linear_amx: bad x / w / out shapes");
+  }
+  const int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= wd[0]) return ffi::Error::InvalidArgument("linear_amx: layer out of range");
+  if (!amx_permitted()) return ffi::Error::Internal("linear_amx: the kernel refused AMX state");
+
+  Problem p;
+  p.kb = wd[2];
+  p.n = od[1];
+  p.nb = wd[1];
+  p.w = static_cast<const uint16_t*>(w.untyped_data()) + l * p.nb * p.kb * kTileElems;
+  p.out_f32 = out->element_type() == ffi::DataType::F32;
+  p.swiglu = kSwiglu;
+  p.out = out->untyped_data();
+  p.m = live_rows(rows, xd[0], p.n, p.out_f32 ? 4 : 2, p.out);
+  p.mp = (p.m + kTileRows - 1) / kTileRows * kTileRows;
+  if (p.m == 0) return ffi::Error::Success();
+  pack_x(thread_pool, x, p);
   parallel_panels(thread_pool, p.nb / 2, [&p](int64_t begin, int64_t end) {
     configure_tiles();  // tile configuration is per thread
     panels(p, begin, end);
@@ -350,6 +430,75 @@ ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::Any
   return ffi::Error::Success();
 #else
   return ffi::Error::Internal("linear_amx: built for a CPU without AMX-BF16");
+#endif
+}
+
+// Greedy ids of x @ W: the first argmax of each row's f32 logits (V for a row with NaN),
+// computed as JpagedLinearAmx computes them but never written out. Each worker keeps its
+// rows' best over the panels it took; the workers' bests are merged (ties: the lower column).
+ffi::Error LinearAmxArgmaxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                               ffi::Buffer<ffi::S32> rows, int64_t n,
+                               ffi::Result<ffi::Buffer<ffi::S32>> ids) {
+#if defined(JPAGED_HAVE_AMX)
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (x.element_type() != ffi::DataType::BF16 || w.element_type() != ffi::DataType::BF16 ||
+      xd.size() != 2 || wd.size() != 5 || wd[0] != 1 || wd[3] != 16 || wd[4] != 32 ||
+      wd[1] % 2 != 0 || (xd[1] + kTileK - 1) / kTileK != wd[2] || n > wd[1] * kTileN ||
+      n <= (wd[1] - 2) * kTileN || ids->dimensions().size() != 1 ||
+      ids->dimensions()[0] != xd[0]) {
+    return ffi::Error::InvalidArgument("linear_amx_argmax: bad x / w / ids shapes");
+  }
+  if (!amx_permitted()) return ffi::Error::Internal("linear_amx: the kernel refused AMX state");
+  int32_t* out = ids->typed_data();
+  const int64_t m = std::clamp<int64_t>(rows.typed_data()[0], 0, xd[0]);
+  std::fill(out + m, out + xd[0], 0);
+  if (m == 0) return ffi::Error::Success();
+  Problem p;
+  p.kb = wd[2];
+  p.n = n;
+  p.nb = wd[1];
+  p.w = static_cast<const uint16_t*>(w.untyped_data());
+  p.out_f32 = true;
+  p.swiglu = false;
+  p.out = nullptr;
+  p.m = m;
+  p.mp = (m + kTileRows - 1) / kTileRows * kTileRows;
+  pack_x(thread_pool, x, p);
+  const int64_t items = p.nb / 2;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(thread_pool.num_threads(), items));
+  constexpr int32_t kNone = std::numeric_limits<int32_t>::max();
+  std::vector<float> best(workers * m, -std::numeric_limits<float>::infinity());
+  std::vector<int32_t> best_id(workers * m, kNone);
+  std::vector<uint8_t> has_nan(workers * m, 0);
+  const int64_t run = std::max<int64_t>(1, items / (4 * workers));
+  std::atomic<int64_t> next{0};
+  jpaged::run_workers(thread_pool, workers, [&](int64_t wk) {
+    Problem q = p;
+    q.best = best.data() + wk * m;
+    q.best_id = best_id.data() + wk * m;
+    q.has_nan = has_nan.data() + wk * m;
+    configure_tiles();
+    for (int64_t b = next.fetch_add(run); b < items; b = next.fetch_add(run)) {
+      panels(q, b, std::min(items, b + run));
+    }
+    _tile_release();
+  });
+  for (int64_t r = 0; r < m; ++r) {
+    float bv = -std::numeric_limits<float>::infinity();
+    int32_t bi = kNone;
+    bool nan = false;
+    for (int64_t wk = 0; wk < workers; ++wk) {
+      const int64_t i = wk * m + r;
+      nan |= has_nan[i] != 0;
+      if (best_id[i] == kNone) continue;
+      if (best[i] > bv || (best[i] == bv && best_id[i] < bi)) bv = best[i], bi = best_id[i];
+    }
+    out[r] = nan || bi == kNone ? static_cast<int32_t>(n) : bi;
+  }
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal("linear_amx_argmax: built for a CPU without AMX-BF16");
 #endif
 }
 
@@ -610,14 +759,23 @@ ffi::Error HeadArgmaxImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> sco
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearAmx, LinearAmxImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearAmx, LinearAmxImpl<false>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()         // x [M, K] bf16
                                   .Arg<ffi::AnyBuffer>()         // w [L, NB, KB, 16, 32] bf16
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer
                                   .Arg<ffi::Buffer<ffi::S32>>()  // rows of x to compute
-                                  .Ret<ffi::AnyBuffer>());       // out [M, N]
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearAmxSwiglu, LinearAmxImpl<true>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // x [M, K] bf16
+                                  .Arg<ffi::AnyBuffer>()         // w [L, NB, KB, 16, 32] bf16
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows of x to compute
+                                  .Ret<ffi::AnyBuffer>());       // out [M, F]: silu(gate) * up
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearF32, LinearF32Impl,
                               ffi::Ffi::Bind()
@@ -653,3 +811,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedHeadArgmax, HeadArgmaxImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()    // norms [V]: |w_v|
                                   .Arg<ffi::Buffer<ffi::S32>>()    // rows to compute
                                   .Ret<ffi::Buffer<ffi::S32>>());  // ids [R]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearAmxArgmax, LinearAmxArgmaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()           // x [M, K] bf16
+                                  .Arg<ffi::AnyBuffer>()           // w [1, NB, KB, 16, 32] bf16
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // rows of x to compute
+                                  .Attr<int64_t>("n")              // columns of W (V)
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // ids [M]

@@ -34,6 +34,8 @@ from pallas_kernels.cpu_build import cpu_flags, is_loaded, load_kernel
 SOURCE = Path(__file__).with_name("linear_cpu.cc")
 _TARGETS = {
     "jpaged_linear_amx": "JpagedLinearAmx",
+    "jpaged_linear_amx_swiglu": "JpagedLinearAmxSwiglu",
+    "jpaged_linear_amx_argmax": "JpagedLinearAmxArgmax",
     "jpaged_linear_f32": "JpagedLinearF32",
     "jpaged_silu_mul": "JpagedSiluMul",
     "jpaged_rope_qkv": "JpagedRopeQkv",
@@ -130,6 +132,67 @@ def linear_cpu(
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], n), out_dtype))
     rows = jnp.asarray(x2.shape[0] if rows is None else rows, jnp.int32).reshape(())
     return call(x2, packed, jnp.asarray(layer, jnp.int32).reshape(()), rows).reshape(*lead, n)
+
+
+def pack_swiglu(w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
+    """[..., K, F] bf16 gate and up weights -> one packed array for `linear_swiglu`: the
+    columns alternate 16 of gate and the same 16 of up, so each 32-column block of the AMX
+    kernel holds both halves of 16 outputs. Raises ValueError unless F % 16 == 0 and bf16."""
+    *lead, k, f = w_gate.shape
+    if w_gate.dtype != jnp.bfloat16 or w_up.shape != w_gate.shape or f % _TILE_N:
+        raise ValueError(f"pack_swiglu takes bf16 [..., K, F] weights, F % 16 == 0, got "
+                         f"{w_gate.shape} {w_gate.dtype} and {w_up.shape}")  # fmt: skip
+    split = [w.reshape(*lead, k, f // _TILE_N, 1, _TILE_N) for w in (w_gate, w_up)]
+    return pack(jnp.concatenate(split, axis=-2).reshape(*lead, k, 2 * f))
+
+
+@functools.partial(jax.jit, static_argnames=("f",))
+def linear_swiglu(
+    x: jax.Array, packed: jax.Array, layer: jax.Array | int, *, f: int,
+    rows: jax.Array | int | None = None,
+) -> jax.Array:  # fmt: skip
+    """silu(x @ W_gate) * (x @ W_up), [..., F] bf16, in one AMX pass (`pack_swiglu` weights):
+    the same values as `silu_mul` of `linear_cpu`'s gate|up product (the same roundings).
+    rows: as `linear_cpu`. Raises ValueError on mismatched shapes, RuntimeError if the
+    kernel is not loaded."""
+    k = x.shape[-1]
+    nb = packed.shape[1] if packed.ndim == 5 else 0
+    ok = x.dtype == jnp.bfloat16 and packed.ndim == 5 and packed.shape[3:] == (16, 32)
+    ok = ok and -(-k // _TILE_K) == packed.shape[2] and nb * _TILE_N == 2 * f and f % _TILE_N == 0
+    if not ok:
+        raise ValueError(f"x [..., {k}] {x.dtype} -> f={f} does not match packed {packed.shape}")
+    if not is_loaded(SOURCE):
+        raise RuntimeError("the cpu linear kernels are not loaded: call available(build_dir)")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    call = jax.ffi.ffi_call(
+        "jpaged_linear_amx_swiglu", jax.ShapeDtypeStruct((x2.shape[0], f), x.dtype)
+    )
+    rows = jnp.asarray(x2.shape[0] if rows is None else rows, jnp.int32).reshape(())
+    return call(x2, packed, jnp.asarray(layer, jnp.int32).reshape(()), rows).reshape(*lead, f)
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def linear_argmax(
+    x: jax.Array, packed: jax.Array, *, n: int, rows: jax.Array | int | None = None
+) -> jax.Array:
+    """First argmax of each row of `linear_cpu(x, packed, 0, n=n, out_dtype=float32)` (V = n
+    for a row with NaN), [M] i32, without writing the [M, n] logits: bf16 x and a one-layer
+    packed head. rows: as `linear_cpu` (the others give 0). Raises ValueError on mismatched
+    shapes, RuntimeError if the kernel is not loaded."""
+    k = x.shape[-1]
+    nb = packed.shape[1] if packed.ndim == 5 else 0
+    ok = x.dtype == jnp.bfloat16 and x.ndim == 2 and packed.ndim == 5 and packed.shape[0] == 1
+    ok = ok and packed.shape[3:] == (16, 32) and -(-k // _TILE_K) == packed.shape[2]
+    if not (ok and (nb - 2) * _TILE_N < n <= nb * _TILE_N):
+        raise ValueError(f"x {x.shape} {x.dtype} -> n={n} does not match packed {packed.shape}")
+    if not is_loaded(SOURCE):
+        raise RuntimeError("the cpu linear kernels are not loaded: call available(build_dir)")
+    call = jax.ffi.ffi_call(
+        "jpaged_linear_amx_argmax", jax.ShapeDtypeStruct((x.shape[0],), jnp.int32)
+    )
+    rows = jnp.asarray(x.shape[0] if rows is None else rows, jnp.int32).reshape(())
+    return call(x, packed, rows, n=np.int64(n))
 
 
 def head_norms(head: jax.Array) -> jax.Array:

@@ -182,7 +182,7 @@ def test_screened_greedy_head_gives_the_same_tokens(tiny_model, tokenizer, one_a
     screened = make_llm(tiny_model, tokenizer)
     if not screened.engine.runner.head_screening:
         pytest.skip("no head screening here (needs the cpu linears and AMX-BF16)")
-    full = make_llm(tiny_model, tokenizer, screen_greedy_head=False)
+    full = make_llm(tiny_model, tokenizer, fast_greedy_head=False)
     assert not full.engine.runner.head_screening
     want = token_ids(full.generate(prompts, params, use_tqdm=False))
     assert want == one_at_a_time  # one_at_a_time ran screened, one request at a time
@@ -211,3 +211,22 @@ def test_cumulative_logprob_only_where_used(tiny_model, tokenizer):
     two = llm.generate(prompt, SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=4),
                        use_tqdm=False)[0]  # fmt: skip
     assert all(o.cumulative_logprob is not None and o.cumulative_logprob < 0 for o in two.outputs)
+
+
+def test_bf16_greedy_ids_from_the_head_kernel_equal_the_logits_path(tokenizer):
+    """bf16 on AMX: greedy steps take the argmax inside the head kernel (linear_argmax); the
+    tokens must be those of the logits path."""
+    import jax.numpy as jnp
+
+    from models.llama import llama_from_hf_tensors
+    from tests.util import random_llama_tensors
+
+    config = tiny_random_llama(VOCAB).config
+    model = llama_from_hf_tensors(config, random_llama_tensors(config, 3).items(), jnp.bfloat16)
+    prompts, params = workload(8, seed=1)
+    fast = make_llm(model, tokenizer, dtype="bfloat16")
+    if not fast.engine.runner.head_argmax:
+        pytest.skip("no fused head argmax here (needs the cpu linears and AMX-BF16)")
+    logits = make_llm(model, tokenizer, dtype="bfloat16", fast_greedy_head=False)
+    want = token_ids(logits.generate(prompts, params, use_tqdm=False))
+    assert token_ids(fast.generate(prompts, params, use_tqdm=False)) == want

@@ -271,3 +271,55 @@ def test_head_argmax_matches_on_the_default_models_head():
     logits = np.asarray(linear_cpu.linear_cpu(x, packed, 0, n=49152, out_dtype=jnp.float32))
     got = linear_cpu.head_argmax(x, packed, hs["bf16"], hs["norms"])
     np.testing.assert_array_equal(np.asarray(got), logits.argmax(axis=1))
+
+
+@needs["bfloat16"]
+@pytest.mark.parametrize("m,k,f", [(1, 576, 1536), (37, 64, 48), (300, 100, 32)])
+def test_linear_swiglu_equals_silu_mul_of_the_gate_up_product(m, k, f):
+    """The fused epilogue rounds where the unfused path does: bit-identical bf16."""
+    rng = np.random.default_rng(m + k)
+    w_gate, w_up = (rand(rng, (2, k, f), "bfloat16", 0.1) for _ in range(2))
+    x = rand(rng, (m, k), "bfloat16")
+    unfused = linear_cpu.pack(jnp.concatenate([w_gate, w_up], axis=-1))
+    want = linear_cpu.silu_mul(linear_cpu.linear_cpu(x, unfused, 1, n=2 * f))
+    fused = linear_cpu.pack_swiglu(w_gate, w_up)
+    got = linear_cpu.linear_swiglu(x, fused, 1, f=f)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    live = linear_cpu.linear_swiglu(x, fused, 1, f=f, rows=m // 2)
+    np.testing.assert_array_equal(np.asarray(live, np.float32)[: m // 2],
+                                  np.asarray(want, np.float32)[: m // 2])  # fmt: skip
+    assert not np.asarray(live, np.float32)[m // 2 :].any()
+    with pytest.raises(ValueError, match="does not match"):
+        linear_cpu.linear_swiglu(x, fused, 1, f=2 * f)
+    with pytest.raises(ValueError, match="F % 16"):
+        linear_cpu.pack_swiglu(w_gate[..., :8], w_up[..., :8])
+
+
+@needs["bfloat16"]
+@pytest.mark.parametrize("m,k,v", [(1, 576, 49152), (37, 64, 1000), (300, 96, 33)])
+def test_linear_argmax_gives_the_logits_first_argmax(m, k, v):
+    """Ids straight from the AMX head equal the first argmax of its f32 logits: ties (a
+    duplicated column) to the first, all-negative rows never pick a padding column, NaN -> V."""
+    rng = np.random.default_rng(m + v)
+    w = rng.standard_normal((k, v)).astype(np.float32) * 0.05
+    w[:, v - 2] = w[:, 3]
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0] = 30 * w[:, 3]  # ties at 3 and v - 2
+    if m > 2:
+        w[:, :] = -np.abs(w)  # every logit of an all-positive row is negative
+        x[2] = np.abs(x[2])
+    wb, xb = jnp.asarray(w, jnp.bfloat16), jnp.asarray(x, jnp.bfloat16)
+    packed = linear_cpu.pack(wb[None])
+    logits = np.asarray(linear_cpu.linear_cpu(xb, packed, 0, n=v, out_dtype=jnp.float32))
+    got = np.asarray(linear_cpu.linear_argmax(xb, packed, n=v))
+    np.testing.assert_array_equal(got, logits.argmax(axis=1))
+    if m > 2:
+        assert logits[2].max() < 0
+    else:
+        assert got[0] == 3
+    live = np.asarray(linear_cpu.linear_argmax(xb, packed, n=v, rows=m // 2))
+    np.testing.assert_array_equal(live, np.r_[got[: m // 2], np.zeros(m - m // 2, int)])
+    nan_x = xb.at[0, 1].set(jnp.nan)
+    assert np.asarray(linear_cpu.linear_argmax(nan_x, packed, n=v))[0] == v
+    with pytest.raises(ValueError, match="does not match"):
+        linear_cpu.linear_argmax(xb, packed, n=v + 64)

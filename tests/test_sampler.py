@@ -329,9 +329,24 @@ def test_penalties_match_formulas() -> None:
 def test_greedy_uses_penalised_logits() -> None:
     logits = np.zeros((1, 1000), np.float32)
     logits[0, :2] = [5.0, 4.0]
-    out = draw(logits, [row(temperature=0.0, output=[0], presence_penalty=2.0)])
+    out = draw(logits, [row(temperature=0.0, output=[0], presence_penalty=2.0, logprobs=0)])
     assert int(out.token_ids[0]) == 1
     assert float(out.logprob[0]) == pytest.approx(float(jax.nn.log_softmax(logits[0])[1]), abs=1e-6)
+
+
+def test_logprob_computed_only_where_a_row_wants_it() -> None:
+    """No row asks (logprobs None, n = 1): the ids alone, logprob 0 and rank 1; one row asking
+    (logprobs=0, or n > 1) computes them for the step."""
+    logits = random_logits(3, 1000, seed=4)
+    ref = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=1))
+    plain = [row(0, temperature=0.0), row(1, temperature=0.9), row(2, temperature=0.0)]
+    out = jax.tree.map(lambda x: np.asarray(x)[:3], draw(logits, plain))
+    np.testing.assert_array_equal(out.logprob, 0.0)
+    np.testing.assert_array_equal(out.rank, 1)
+    for asking in (row(2, temperature=0.0, logprobs=0), row(2, temperature=0.0, n=2)):
+        got = jax.tree.map(lambda x: np.asarray(x)[:3], draw(logits, [*plain[:2], asking]))
+        np.testing.assert_array_equal(got.token_ids, out.token_ids)
+        np.testing.assert_allclose(got.logprob, ref[np.arange(3), got.token_ids], atol=1e-5)
 
 
 def test_min_tokens_bans_stop_ids() -> None:

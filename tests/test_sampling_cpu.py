@@ -85,7 +85,7 @@ def test_sample_with_kernels_equals_xla_path():
     vocab = 4099
     logits = jnp.asarray(rng.standard_normal((12, vocab)).astype(np.float32) * 4)
     params = [
-        SamplingParams(temperature=0, max_tokens=4),
+        SamplingParams(temperature=0, max_tokens=4, logprobs=0),  # the step computes logprobs
         SamplingParams(temperature=0, max_tokens=4, repetition_penalty=1.3, presence_penalty=0.5),
         SamplingParams(temperature=0.8, top_k=20, max_tokens=4, seed=3),
         SamplingParams(temperature=1.0, top_p=0.9, max_tokens=4, seed=4),
