@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import random
 import time
@@ -122,10 +121,6 @@ class LLMEngine:
             self.stats.load_time_s,
         )  # fmt: skip
         self.warmup(config.warmup)
-        # What loading and compiling left (jax, transformers, the model: ~430k objects) moves
-        # to the permanent generation, so the full collections that decoding's garbage
-        # triggers walk only what came after (one took 170 ms mid-W on the default model).
-        gc.freeze()
 
     def warmup(self, which: str) -> None:
         """Compile the step shapes `which` names: none, decode or all."""
