@@ -47,6 +47,7 @@ def describe(engine: LLMEngine) -> dict:
     pool = engine.runner.kv_pool
     return {
         "weight_bytes_total": int(total),
+        "head_screening": bool(engine.runner.head_screening),  # + a bf16 head and its norms
         "weight_bytes_per_device": int(bytes_per_device(state)),
         "weight_bytes_replicated": int(replicated),
         "pool_shape": list(pool.shape),

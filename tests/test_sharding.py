@@ -160,5 +160,6 @@ def test_default_model_tp3_equals_tp1():
     r = run_check("default")
     assert r["tp=3"]["tokens"] == r["tp=1"]["tokens"]
     assert_bytes_split(r["tp=3"], 3)
-    assert r["tp=1"]["weight_bytes_total"] == 134_515_008 * 4 + 32 * 4  # + inv_freq
+    screen = 49152 * 576 * 2 + 49152 * 4 if r["tp=1"]["head_screening"] else 0  # fast_greedy_head
+    assert r["tp=1"]["weight_bytes_total"] == 134_515_008 * 4 + 32 * 4 + screen  # + inv_freq
     assert r["tp=3"]["pool_shard_shape"] == [30, 64, 2, 16, 1, 64]
