@@ -229,22 +229,8 @@ class ModelRunner:
         out, kv_pool = llama_forward(
             self.config, params, kv_pool, batch, self.attention_backend, head=not fast
         )
-        if fast:  # out: the final hidden rows; ids alone where no row needs more
-
-            def greedy_ids() -> SamplerOutput:
-                head, v = params["packed"]["head"], self.vocab_size
-                if self.head_screening:
-                    hs = params["head_screen"]
-                    ids = linear_cpu.head_argmax(out, head, hs["bf16"], hs["norms"], batch.num_rows)
-                else:
-                    ids = linear_cpu.linear_argmax(out, head, n=v, rows=batch.num_rows)
-                return ids_only_output(jnp.minimum(ids, v - 1))
-
-            def full() -> SamplerOutput:
-                logits = lm_head(self.config, params, out, batch.num_rows)
-                return sample(logits, sampling, 0, self.sampler_kernels)
-
-            sampled = jax.lax.cond(greedy_without_logprobs(sampling), greedy_ids, full)
+        if fast:  # out: the final hidden rows
+            sampled = self._sample_hidden(params, out, batch.num_rows, sampling)
         else:
             sampled = sample(out[:num_rows], sampling, num_logprobs, self.sampler_kernels)
         prompt_out = None
@@ -253,6 +239,26 @@ class ModelRunner:
                 out[num_rows:], prompt_next, NUM_TOP_LOGPROBS, self.sampler_kernels
             )
         return kv_pool, sampled, prompt_out
+
+    def _sample_hidden(self, params, x, rows, sampling) -> SamplerOutput:  # noqa: ANN001
+        """Sample from the final hidden rows x: where every row is greedy and none wants its
+        logprob, the ids straight from the head kernel (no logits); else the head's logits
+        through `sample`. Both under one lax.cond, so the step stays one program."""
+        head, v = params["packed"]["head"], self.vocab_size
+
+        def greedy_ids() -> SamplerOutput:
+            if self.head_screening:
+                hs = params["head_screen"]
+                ids = linear_cpu.head_argmax(x, head, hs["bf16"], hs["norms"], rows)
+            else:
+                ids = linear_cpu.linear_argmax(x, head, n=v, rows=rows)
+            return ids_only_output(jnp.minimum(ids, v - 1))
+
+        def full() -> SamplerOutput:
+            logits = lm_head(self.config, params, x, rows)
+            return sample(logits, sampling, 0, self.sampler_kernels)
+
+        return jax.lax.cond(greedy_without_logprobs(sampling), greedy_ids, full)
 
     def build_batch(
         self,
