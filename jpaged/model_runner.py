@@ -21,17 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpaged import greedy_head
 from jpaged.paths import kernels_cache_dir
-from jpaged.sampler import (
-    SamplerOutput,
-    compute_logprobs,
-    greedy_without_logprobs,
-    ids_only_output,
-    penalty_free,
-    sample,
-)
+from jpaged.sampler import compute_logprobs, penalty_free, sample
 from jpaged.sampling_tensors import SamplingRow, build_sampling_tensors
-from models.llama import Llama, ModelBatch, llama_forward, lm_head, unstack_layers
+from models.llama import Llama, ModelBatch, llama_forward, unstack_layers
 from models.packed_linears import pack_linear_params
 from pallas_kernels import linear_cpu, sampling_cpu
 
@@ -188,10 +182,7 @@ class ModelRunner:
                 self.head_screening = head.dtype == jnp.float32
                 self.head_argmax = head.dtype == jnp.bfloat16
             if self.head_screening:
-                params["head_screen"] = {
-                    "bf16": linear_cpu.pack(head.astype(jnp.bfloat16)[None]),
-                    "norms": linear_cpu.head_norms(head),
-                }
+                params["head_screen"] = greedy_head.screen_params(head)
         if unroll_layers:  # per-layer weight arrays, so the step copies no weight slices
             params["layers"] = unstack_layers(params["layers"], self.config.num_hidden_layers)
         self.params = params
@@ -230,7 +221,9 @@ class ModelRunner:
             self.config, params, kv_pool, batch, self.attention_backend, head=not fast
         )
         if fast:  # out: the final hidden rows
-            sampled = self._sample_hidden(params, out, batch.num_rows, sampling)
+            sampled = greedy_head.sample_hidden(
+                self.config, params, out, batch.num_rows, sampling, self.sampler_kernels
+            )
         else:
             sampled = sample(out[:num_rows], sampling, num_logprobs, self.sampler_kernels)
         prompt_out = None
@@ -239,26 +232,6 @@ class ModelRunner:
                 out[num_rows:], prompt_next, NUM_TOP_LOGPROBS, self.sampler_kernels
             )
         return kv_pool, sampled, prompt_out
-
-    def _sample_hidden(self, params, x, rows, sampling) -> SamplerOutput:  # noqa: ANN001
-        """Sample from the final hidden rows x: where every row is greedy and none wants its
-        logprob, the ids straight from the head kernel (no logits); else the head's logits
-        through `sample`. Both under one lax.cond, so the step stays one program."""
-        head, v = params["packed"]["head"], self.vocab_size
-
-        def greedy_ids() -> SamplerOutput:
-            if self.head_screening:
-                hs = params["head_screen"]
-                ids = linear_cpu.head_argmax(x, head, hs["bf16"], hs["norms"], rows)
-            else:
-                ids = linear_cpu.linear_argmax(x, head, n=v, rows=rows)
-            return ids_only_output(jnp.minimum(ids, v - 1))
-
-        def full() -> SamplerOutput:
-            logits = lm_head(self.config, params, x, rows)
-            return sample(logits, sampling, 0, self.sampler_kernels)
-
-        return jax.lax.cond(greedy_without_logprobs(sampling), greedy_ids, full)
 
     def build_batch(
         self,

@@ -125,9 +125,15 @@ def linear_cpu(
             raise ValueError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
     if not ok:
         raise ValueError(f"x [..., {k}] -> n={n} does not match packed {packed.shape}")
+    return _call_packed(target, x, packed, layer, n, out_dtype, rows)
+
+
+def _call_packed(target: str, x: jax.Array, packed: jax.Array, layer: jax.Array | int, n: int,
+                 out_dtype: jnp.dtype, rows: jax.Array | int | None) -> jax.Array:  # fmt: skip
+    """The linear kernels' common call: x [..., K] flattened to rows, out [..., n]."""
     if not is_loaded(SOURCE):
         raise RuntimeError("the cpu linear kernels are not loaded: call available(build_dir)")
-    lead = x.shape[:-1]
+    lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], n), out_dtype))
     rows = jnp.asarray(x2.shape[0] if rows is None else rows, jnp.int32).reshape(())
@@ -161,15 +167,7 @@ def linear_swiglu(
     ok = ok and -(-k // _TILE_K) == packed.shape[2] and nb * _TILE_N == 2 * f and f % _TILE_N == 0
     if not ok:
         raise ValueError(f"x [..., {k}] {x.dtype} -> f={f} does not match packed {packed.shape}")
-    if not is_loaded(SOURCE):
-        raise RuntimeError("the cpu linear kernels are not loaded: call available(build_dir)")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    call = jax.ffi.ffi_call(
-        "jpaged_linear_amx_swiglu", jax.ShapeDtypeStruct((x2.shape[0], f), x.dtype)
-    )
-    rows = jnp.asarray(x2.shape[0] if rows is None else rows, jnp.int32).reshape(())
-    return call(x2, packed, jnp.asarray(layer, jnp.int32).reshape(()), rows).reshape(*lead, f)
+    return _call_packed("jpaged_linear_amx_swiglu", x, packed, layer, f, x.dtype, rows)
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
