@@ -53,14 +53,15 @@ def build(
     name: str = "paged_attention_cpu.cc",
     symbol: str = "JpagedPagedAttention",
 ) -> list[str]:
-    """Build each version of kernel source `name` (with cpu_kernels.h) in its own directory and
+    """Build each version of kernel source `name` (with pallas_kernels' headers) in its own directory and
     register its handler `symbol` under its own FFI target; returns the targets, in order."""
     targets = []
     for i, source in enumerate(sources):
         d = tmp / f"v{i}"
         d.mkdir()
         shutil.copy(source, d / name)
-        shutil.copy(ROOT / "pallas_kernels" / "cpu_kernels.h", d / "cpu_kernels.h")
+        for header in (ROOT / "pallas_kernels").glob("*.h"):  # cpu_kernels.h, linear_avx2.h
+            shutil.copy(header, d / header.name)
         target = f"jpaged_ab_{Path(name).stem}_{i}"
         if not load_kernel(d / name, {target: symbol}, d):
             raise SystemExit(f"{source}: the build failed")

@@ -1,7 +1,7 @@
-"""A/B two or more versions of the C++ linear kernels (bf16 AMX) in one process, interleaved.
+"""A/B two or more versions of the C++ linear kernels (bf16 AMX or f32) in one process, interleaved.
 
     git show HEAD~1:pallas_kernels/linear_cpu.cc > /tmp/old.cc
-    .venv/bin/python benchmarks/linear_ab.py /tmp/old.cc pallas_kernels/linear_cpu.cc
+    .venv/bin/python benchmarks/linear_ab.py /tmp/old.cc pallas_kernels/linear_cpu.cc [--dtype float32]
 
 Each source is built (with pallas_kernels/cpu_kernels.h) into its own directory and registered
 under its own FFI target. The workload is benchmarks/linear_cpu.py's: 30 SmolLM2-shaped
@@ -56,15 +56,18 @@ def main() -> None:
     parser.add_argument("sources", nargs="+")
     parser.add_argument("--rows", default="1,64,2048")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     args = parser.parse_args()
+    dtype = jnp.dtype(args.dtype)
+    symbol = "JpagedLinearAmx" if args.dtype == "bfloat16" else "JpagedLinearF32"
     tune_malloc()  # as the engine does: XLA's temporaries stay on the heap, no page faults
     key = jax.random.PRNGKey(0)
-    p_in = linear_cpu.pack(jax.random.normal(key, (LAYERS, D, QKV_GU), jnp.bfloat16) * 0.02)
-    p_out = linear_cpu.pack(jax.random.normal(key, (LAYERS, F, D), jnp.bfloat16) * 0.02)
+    p_in = linear_cpu.pack(jax.random.normal(key, (LAYERS, D, QKV_GU), dtype) * 0.02)
+    p_out = linear_cpu.pack(jax.random.normal(key, (LAYERS, F, D), dtype) * 0.02)
     with tempfile.TemporaryDirectory() as tmp:
-        fns = [make(t) for t in build(args.sources, Path(tmp), "linear_cpu.cc", "JpagedLinearAmx")]
+        fns = [make(t) for t in build(args.sources, Path(tmp), "linear_cpu.cc", symbol)]
         for m in (int(r) for r in args.rows.split(",")):
-            x = jax.random.normal(key, (m, D), jnp.bfloat16)
+            x = jax.random.normal(key, (m, D), dtype)
             sums = [float(jnp.sum(fn(x, p_in, p_out).astype(jnp.float32))) for fn in fns]
             times: list[list[float]] = [[] for _ in fns]
             for _ in range(args.rounds):
@@ -72,12 +75,12 @@ def main() -> None:
                     t0 = time.perf_counter()
                     fn(x, p_in, p_out).block_until_ready()
                     ts.append(time.perf_counter() - t0)
-            weight_bytes = LAYERS * (D * QKV_GU + F * D) * 2
+            weight_bytes = LAYERS * (D * QKV_GU + F * D) * dtype.itemsize
             flops = 2 * m * LAYERS * (D * QKV_GU + F * D)
             for source, ts, s in zip(args.sources, times, sums, strict=True):
                 best = min(ts)
                 print(json.dumps({
-                    "bench": "linear_ab", "source": source, "rows": m,
+                    "bench": "linear_ab", "source": source, "dtype": args.dtype, "rows": m,
                     "ms_best": round(best * 1e3, 2),
                     "ms_median": round(statistics.median(ts) * 1e3, 2),
                     "weight_gb_s": round(weight_bytes / best / 1e9, 2),

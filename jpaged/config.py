@@ -176,8 +176,7 @@ class EngineConfig:
             from pallas_kernels import linear_cpu
 
             if not linear_cpu.available(kernels_cache_dir(), weights_dtype):
-                need = "AVX-512F" if weights_dtype == "float32" else "AMX-BF16"
-                why = f"needs a CPU with {need} and a C++ compiler for {weights_dtype}"
+                why = f"needs a CPU with AVX-512F or AVX2 + FMA and a C++ compiler for {weights_dtype}"
         if why is None:
             return "cpu"
         if self.linear_backend == "cpu":

@@ -163,10 +163,10 @@ class ModelRunner:
         """`mesh`: the weights and pool are sharded over it (jpaged.sharded_model); step
         outputs are replicated on it, the pool keeps its sharding. `linear_backend`: xla
         (plain dots) or cpu (weights packed for the C++ kernels, pallas_kernels.linear_cpu).
-        `fast_greedy_head`: with cpu linears on AMX, steps whose rows are all greedy and need
-        no logprobs take their ids without the f32 logits (the same ids): a bf16 head from
-        `linear_cpu.linear_argmax`, an f32 one from `linear_cpu.head_argmax` (a bf16 copy of
-        the head kept besides)."""
+        `fast_greedy_head`: with cpu linears, steps whose rows are all greedy and need no
+        logprobs take their ids without the f32 logits (the same ids): a bf16 head from
+        `linear_cpu.linear_argmax`, an f32 one from `linear_cpu.head_argmax` (on AMX only; a
+        bf16 copy of the head kept besides)."""
         self.config = model.config
         self.attention_backend = attention_backend  # a name in ATTENTION_BACKENDS, fixed
         self.linear_backend = linear_backend
@@ -179,7 +179,8 @@ class ModelRunner:
             head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
             params = pack_linear_params(c, params)
             if fast_greedy_head and linear_cpu.available(kernels_cache_dir(), "bfloat16"):
-                self.head_screening = head.dtype == jnp.float32
+                # the f32 screen pays only where bf16 runs far faster than f32 (AMX)
+                self.head_screening = head.dtype == jnp.float32 and linear_cpu.has_amx()
                 self.head_argmax = head.dtype == jnp.bfloat16
             if self.head_screening:
                 params["head_screen"] = greedy_head.screen_params(head)

@@ -42,16 +42,19 @@ namespace {
 
 constexpr int64_t kGroupRows = 256;  // rows of x per L2-resident group (see panels)
 
-#if defined(JPAGED_HAVE_AMX)
+#if !defined(JPAGED_HAVE_AMX) && defined(__AVX2__) && defined(__FMA__)
+#define JPAGED_BF16_AVX2 1  // the bf16 kernels on FMA instead (linear_avx2.h)
+#endif
+
+#if defined(JPAGED_HAVE_AMX) || defined(JPAGED_BF16_AVX2)
 constexpr int64_t kTileRows = 16;   // rows of x per A tile
 constexpr int64_t kTileK = 32;      // bf16 values of K per tile row
 constexpr int64_t kTileN = 16;      // columns per B tile
 constexpr int64_t kTileElems = 512; // bf16 values in one packed B tile
-using jpaged::amx_permitted;
-using jpaged::configure_tiles;
 
 struct Problem {
   const uint16_t* x;  // [mp / 16, kb, 16, 32] bf16 A tiles, zero padded
+  const float* xf = nullptr;  // AVX2: x widened to f32, [m, 32 kb] zero padded
   const uint16_t* w;  // this layer's [nb, kb, 16, 32]
   int64_t m, mp, kb, n, nb;
   bool out_f32;
@@ -63,6 +66,13 @@ struct Problem {
   int32_t* best_id = nullptr;
   uint8_t* has_nan = nullptr;
 };
+#endif
+
+#include "linear_avx2.h"
+
+#if defined(JPAGED_HAVE_AMX)
+using jpaged::amx_permitted;
+using jpaged::configure_tiles;
 
 // Folds a block's f32 results into the worker's per-row first maximum. Columns reach a row in
 // increasing order within a worker, so a later equal value never replaces the held one.
@@ -219,11 +229,16 @@ void panels(const Problem& p, int64_t begin, int64_t end) {
 
 #endif  // AMX
 
-#if defined(__AVX512F__)
-// ---- f32 on AVX-512 FMA -----------------------------------------------------------------
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define JPAGED_HAVE_F32_FMA 1
+// ---- f32 on FMA: AVX-512 (14 rows x 32 columns a block) or AVX2 (6 rows x 16 columns) ----
 
-constexpr int64_t kPanelF32 = 32;  // columns per packed f32 panel (two zmm)
+constexpr int64_t kPanelF32 = 32;  // columns per packed f32 panel (two zmm, four ymm)
+#if defined(__AVX512F__)
 constexpr int64_t kMaxRowsF32 = 14;  // 28 accumulators + 2 panel registers of 32
+#else
+constexpr int64_t kMaxRowsF32 = 6;  // 12 accumulators + 2 half-panel registers + 1 broadcast
+#endif
 
 struct ProblemF32 {
   const float* x;  // [m, k]
@@ -234,6 +249,7 @@ struct ProblemF32 {
 
 // Rows m0 .. m0 + MR - 1 x panel `j`.
 // pf: where to prefetch 32 bytes per k into L2 (part of the next panel), or null.
+#if defined(__AVX512F__)
 template <int MR>
 void micro_f32(const ProblemF32& p, int64_t m0, int64_t j, const char* pf) {
   __m512 acc[MR][2];  // fully unrolled loops keep these in registers
@@ -263,6 +279,42 @@ void micro_f32(const ProblemF32& p, int64_t m0, int64_t j, const char* pf) {
     _mm512_mask_storeu_ps(dst + 16, m_hi, acc[r][1]);
   }
 }
+#else
+// AVX2 has 16 ymm registers: each half of the panel (16 columns, one 64-byte line per k) in
+// its own pass over K.
+template <int MR>
+void micro_f32(const ProblemF32& p, int64_t m0, int64_t j, const char* pf) {
+  const int64_t n0 = j * kPanelF32, cols = std::min<int64_t>(kPanelF32, p.n - n0);
+  const float* a = p.x + m0 * p.k;
+  for (int64_t half = 0; half < 2 && 16 * half < cols; ++half) {
+    __m256 acc[MR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const float* b = p.w + j * p.k * kPanelF32 + 16 * half;
+    for (int64_t k = 0; k < p.k; ++k) {
+      const __m256 b0 = _mm256_loadu_ps(b + k * kPanelF32);
+      const __m256 b1 = _mm256_loadu_ps(b + k * kPanelF32 + 8);
+      if (pf != nullptr && half == 0) _mm_prefetch(pf + 32 * k, _MM_HINT_T1);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m256 ar = _mm256_broadcast_ss(a + r * p.k + k);
+        acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+      }
+    }
+    const int64_t c = std::min<int64_t>(16, cols - 16 * half);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i m_lo = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(c)), lane);
+    const __m256i m_hi = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(c) - 8), lane);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      float* dst = p.out + (m0 + r) * p.n + n0 + 16 * half;
+      _mm256_maskstore_ps(dst, m_lo, acc[r][0]);
+      _mm256_maskstore_ps(dst + 8, m_hi, acc[r][1]);
+    }
+  }
+}
+#endif
 
 void rows_f32(const ProblemF32& p, int64_t m0, int64_t rows, int64_t j, const char* pf) {
   switch (rows) {
@@ -270,8 +322,10 @@ void rows_f32(const ProblemF32& p, int64_t m0, int64_t rows, int64_t j, const ch
   case R:              \
     return micro_f32<R>(p, m0, j, pf);
     JPAGED_ROWS(1) JPAGED_ROWS(2) JPAGED_ROWS(3) JPAGED_ROWS(4) JPAGED_ROWS(5) JPAGED_ROWS(6)
+#if defined(__AVX512F__)
     JPAGED_ROWS(7) JPAGED_ROWS(8) JPAGED_ROWS(9) JPAGED_ROWS(10) JPAGED_ROWS(11)
     JPAGED_ROWS(12) JPAGED_ROWS(13) JPAGED_ROWS(14)
+#endif
 #undef JPAGED_ROWS
     default:
       return;
@@ -279,7 +333,7 @@ void rows_f32(const ProblemF32& p, int64_t m0, int64_t rows, int64_t j, const ch
 }
 
 // Panels [begin, end) for every row: rows in groups of kGroupRows (x's group stays in L2), each
-// panel streamed from memory once per group and reused from L2 by its 14-row strips. While
+// panel streamed from memory once per group and reused from L2 by its strips. While
 // the later strips compute from L2, they prefetch the next panel (a share each), so its
 // first strip does not wait on memory.
 void panels_f32(const ProblemF32& p, int64_t begin, int64_t end) {
@@ -299,7 +353,7 @@ void panels_f32(const ProblemF32& p, int64_t begin, int64_t end) {
   }
 }
 
-#endif  // __AVX512F__
+#endif  // JPAGED_HAVE_F32_FMA
 
 // Runs fn(begin, end) over num_items panels on XLA's intra-op pool, in runs of contiguous
 // panels (one memory stream each, prefetched ahead) that the workers claim as they go: a pool
@@ -327,7 +381,7 @@ int64_t live_rows(const ffi::Buffer<ffi::S32>& rows, int64_t m, int64_t n, size_
 ffi::Error LinearF32Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer,
                          ffi::Buffer<ffi::S32> rows, ffi::Result<ffi::Buffer<ffi::F32>> out) {
-#if defined(__AVX512F__)
+#if defined(JPAGED_HAVE_F32_FMA)
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   auto od = out->dimensions();
@@ -349,7 +403,7 @@ ffi::Error LinearF32Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x,
   if (p.m > 0) parallel_panels(thread_pool, p.np, [&p](int64_t b, int64_t e) { panels_f32(p, b, e); });
   return ffi::Error::Success();
 #else
-  return ffi::Error::Internal("linear_f32: built for a CPU without AVX-512");
+  return ffi::Error::Internal("linear_f32: built for a CPU without AVX-512 or AVX2 + FMA");
 #endif
 }
 
@@ -391,7 +445,7 @@ template <bool kSwiglu>
 ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                          ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
                          ffi::Result<ffi::AnyBuffer> out) {
-#if defined(JPAGED_HAVE_AMX)
+#if defined(JPAGED_HAVE_AMX) || defined(JPAGED_BF16_AVX2)
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   auto od = out->dimensions();
@@ -408,7 +462,9 @@ ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::Any
   }
   const int64_t l = layer.typed_data()[0];
   if (l < 0 || l >= wd[0]) return ffi::Error::InvalidArgument("linear_amx: layer out of range");
+#if defined(JPAGED_HAVE_AMX)
   if (!amx_permitted()) return ffi::Error::Internal("linear_amx: the kernel refused AMX state");
+#endif
 
   Problem p;
   p.kb = wd[2];
@@ -421,15 +477,20 @@ ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::Any
   p.m = live_rows(rows, xd[0], p.n, p.out_f32 ? 4 : 2, p.out);
   p.mp = (p.m + kTileRows - 1) / kTileRows * kTileRows;
   if (p.m == 0) return ffi::Error::Success();
+#if defined(JPAGED_HAVE_AMX)
   pack_x(thread_pool, x, p);
   parallel_panels(thread_pool, p.nb / 2, [&p](int64_t begin, int64_t end) {
     configure_tiles();  // tile configuration is per thread
     panels(p, begin, end);
     _tile_release();
   });
+#else
+  widen_x(static_cast<const uint16_t*>(x.untyped_data()), xd[1], p);
+  parallel_panels(thread_pool, p.nb / 2, [&p](int64_t b, int64_t e) { panels(p, b, e); });
+#endif
   return ffi::Error::Success();
 #else
-  return ffi::Error::Internal("linear_amx: built for a CPU without AMX-BF16");
+  return ffi::Error::Internal("linear_amx: built for a CPU without AMX-BF16 or AVX2 + FMA");
 #endif
 }
 
@@ -439,7 +500,7 @@ ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::Any
 ffi::Error LinearAmxArgmaxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                                ffi::Buffer<ffi::S32> rows, int64_t n,
                                ffi::Result<ffi::Buffer<ffi::S32>> ids) {
-#if defined(JPAGED_HAVE_AMX)
+#if defined(JPAGED_HAVE_AMX) || defined(JPAGED_BF16_AVX2)
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   if (x.element_type() != ffi::DataType::BF16 || w.element_type() != ffi::DataType::BF16 ||
@@ -449,7 +510,9 @@ ffi::Error LinearAmxArgmaxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ff
       ids->dimensions()[0] != xd[0]) {
     return ffi::Error::InvalidArgument("linear_amx_argmax: bad x / w / ids shapes");
   }
+#if defined(JPAGED_HAVE_AMX)
   if (!amx_permitted()) return ffi::Error::Internal("linear_amx: the kernel refused AMX state");
+#endif
   int32_t* out = ids->typed_data();
   const int64_t m = std::clamp<int64_t>(rows.typed_data()[0], 0, xd[0]);
   std::fill(out + m, out + xd[0], 0);
@@ -464,7 +527,11 @@ ffi::Error LinearAmxArgmaxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ff
   p.out = nullptr;
   p.m = m;
   p.mp = (m + kTileRows - 1) / kTileRows * kTileRows;
+#if defined(JPAGED_HAVE_AMX)
   pack_x(thread_pool, x, p);
+#else
+  widen_x(static_cast<const uint16_t*>(x.untyped_data()), xd[1], p);
+#endif
   const int64_t items = p.nb / 2;
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(thread_pool.num_threads(), items));
   constexpr int32_t kNone = std::numeric_limits<int32_t>::max();
@@ -478,11 +545,15 @@ ffi::Error LinearAmxArgmaxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ff
     q.best = best.data() + wk * m;
     q.best_id = best_id.data() + wk * m;
     q.has_nan = has_nan.data() + wk * m;
+#if defined(JPAGED_HAVE_AMX)
     configure_tiles();
+#endif
     for (int64_t b = next.fetch_add(run); b < items; b = next.fetch_add(run)) {
       panels(q, b, std::min(items, b + run));
     }
+#if defined(JPAGED_HAVE_AMX)
     _tile_release();
+#endif
   });
   for (int64_t r = 0; r < m; ++r) {
     float bv = -std::numeric_limits<float>::infinity();
@@ -498,7 +569,7 @@ ffi::Error LinearAmxArgmaxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ff
   }
   return ffi::Error::Success();
 #else
-  return ffi::Error::Internal("linear_amx_argmax: built for a CPU without AMX-BF16");
+  return ffi::Error::Internal("linear_amx_argmax: built for a CPU without AMX-BF16 or AVX2 + FMA");
 #endif
 }
 
@@ -558,7 +629,7 @@ void silu_mul_row(const T* gu, int64_t f, T* out) {
 // gate_up [M, 2F] (gate in the first F columns, up in the last) -> out [M, F].
 ffi::Error SiluMulImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer gate_up,
                        ffi::Result<ffi::AnyBuffer> out) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(JPAGED_SILU_MUL_AVX2)
   auto gd = gate_up.dimensions();
   auto od = out->dimensions();
   const auto dtype = gate_up.element_type();
@@ -583,7 +654,7 @@ ffi::Error SiluMulImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer gate_up,
   });
   return ffi::Error::Success();
 #else
-  return ffi::Error::Internal("silu_mul: built for a CPU without AVX-512");
+  return ffi::Error::Internal("silu_mul: built for a CPU without AVX-512 or AVX2 + FMA");
 #endif
 }
 

@@ -5,16 +5,19 @@ arrays, and its dot library repacks (transposes) the weights on every call. Thes
 a weight packed once at load (`pack`), straight from the stacked [L, ...] array at a layer
 index (`linear_cpu.cc`):
 
-- float32: AVX-512 FMA, panels of 32 columns ([L, N/32, K, 32]); 14 x 32 register blocks.
-- bfloat16: Intel AMX tiles ([L, NB, KB, 16, 32], TDPBF16PS: bf16 products, f32 sums).
+- float32: FMA, panels of 32 columns ([L, N/32, K, 32]); 14 x 32 register blocks on
+  AVX-512, 6 x 16 on AVX2.
+- bfloat16: Intel AMX tiles ([L, NB, KB, 16, 32], TDPBF16PS: bf16 products, f32 sums); on
+  CPUs without AMX (AMD Zen 2 / 3, older Intel) the same tiles widened to f32 on AVX2 FMA
+  (linear_avx2.h): f32 sums of the same exact products, in another order.
 
 `head_argmax` gives a greedy step's ids from an f32 head in a fraction of its flops: bf16
 scores on AMX bound each logit, and only the panels that may hold the first argmax are
-recomputed exactly (the same ids as the f32 logits, bit for bit).
+recomputed exactly (the same ids as the f32 logits, bit for bit). AMX only (`has_amx`).
 
 `silu_mul` is SwiGLU's silu(gate) * up between the gate|up and the down linear, one AVX-512
-pass (XLA:CPU's bf16 silu runs at ~5 ns an element); `rope_qkv` splits the fused q|k|v
-projection and applies RoPE to q and k in one bf16 pass.
+or AVX2 pass (XLA:CPU's bf16 silu runs at ~5 ns an element); `rope_qkv` splits the fused
+q|k|v projection and applies RoPE to q and k in one bf16 pass (AVX-512 only).
 
 `available(build_dir, dtype)` says whether this CPU has the instructions, the kernel built and
 a small product checked out; callers keep plain `x @ w` otherwise.
@@ -47,11 +50,15 @@ _checked: dict[tuple[str, str], bool] = {}
 
 
 def cpu_supports(dtype: str) -> bool:
-    """Whether the CPU has the instructions the `dtype` kernel needs (AVX-512F; AMX-BF16)."""
-    flags = cpu_flags().split()
-    if dtype == "float32":
-        return "avx512f" in flags
-    return dtype == "bfloat16" and {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags)
+    """Whether the CPU has the instructions the `dtype` kernel needs: AVX-512F or AVX2 + FMA
+    (bf16 runs on AMX-BF16 where the CPU has it, else on AVX2 + FMA)."""
+    flags = set(cpu_flags().split())
+    return dtype in DTYPES and ("avx512f" in flags or {"avx2", "fma"} <= flags)
+
+
+def has_amx() -> bool:
+    """Whether the bf16 kernels run on AMX tiles here (and `head_argmax` can run at all)."""
+    return {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(cpu_flags().split())
 
 
 def pack(w: jax.Array) -> jax.Array:
@@ -241,8 +248,10 @@ def silu_mul(gate_up: jax.Array) -> jax.Array:
 
 
 def rope_qkv_supported(dtype: jnp.dtype, head_dim: int) -> bool:
-    """Whether `rope_qkv` takes this dtype and head size (bf16, head_dim a multiple of 32)."""
-    return jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 32 == 0
+    """Whether `rope_qkv` takes this dtype and head size (bf16, head_dim a multiple of 32)
+    on this CPU (AVX-512F)."""
+    ok = jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 32 == 0
+    return ok and "avx512f" in cpu_flags().split()
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads"))

@@ -1,4 +1,4 @@
-"""pallas_kernels/linear_cpu.py: the packed-weight matmul kernels (f32 on AVX-512, bf16 on AMX)
+"""pallas_kernels/linear_cpu.py: the packed-weight matmul kernels (f32 on AVX-512 / AVX2, bf16 on AMX / AVX2)
 against float32/float64 numpy, and the model with its linears on them against plain dots."""
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ needs = {
     for dtype, ok in OK.items()
 }
 DTYPES = [pytest.param(d, marks=needs[d]) for d in linear_cpu.DTYPES]
+needs_amx = pytest.mark.skipif(not (OK["bfloat16"] and linear_cpu.has_amx()), reason="no AMX here")
+needs_rope = pytest.mark.skipif(not (OK["float32"] and linear_cpu.rope_qkv_supported(jnp.bfloat16, 64)),
+                                reason="rope_qkv needs AVX-512F")  # fmt: skip
 SHAPES = [(1, 576, 960), (15, 64, 32), (16, 576, 576), (17, 70, 40), (33, 1536, 576),
           (300, 100, 96)]  # fmt: skip
 
@@ -194,7 +197,7 @@ def test_silu_mul_leading_dims_nan_and_errors():
         linear_cpu.silu_mul(jnp.zeros((4, 8), jnp.float16))
 
 
-@needs["float32"]
+@needs_rope
 @pytest.mark.parametrize("t, heads, kv_heads, e", [(1, 9, 3, 64), (17, 4, 4, 128), (300, 9, 3, 64)])
 def test_rope_qkv_equals_split_and_apply_rope(t, heads, kv_heads, e):
     rng = np.random.default_rng(t)
@@ -214,7 +217,7 @@ def test_rope_qkv_equals_split_and_apply_rope(t, heads, kv_heads, e):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
 
 
-@needs["float32"]
+@needs_rope
 def test_rope_qkv_refuses_what_it_does_not_take():
     cos = sin = jnp.zeros((2, 1, 64), jnp.float32)
     assert linear_cpu.rope_qkv_supported(jnp.bfloat16, 64)
@@ -239,7 +242,7 @@ def _head_case(rng: np.random.Generator, k: int, v: int, rows: int):
     return jnp.asarray(w), jnp.asarray(x)
 
 
-@needs["bfloat16"]
+@needs_amx
 @pytest.mark.parametrize("k,v,rows", [(64, 1000, 5), (576, 4099, 37), (96, 33, 3)])
 def test_head_argmax_gives_the_f32_logits_first_argmax(k, v, rows):
     rng = np.random.default_rng(k + v)
@@ -257,7 +260,7 @@ def test_head_argmax_gives_the_f32_logits_first_argmax(k, v, rows):
     assert np.asarray(linear_cpu.head_argmax(nan_x, *args))[1] == v
 
 
-@needs["bfloat16"]
+@needs_amx
 def test_head_argmax_matches_on_the_default_models_head():
     """SmolLM2's own (tied) head, rows from random hidden states scaled as the final norm's."""
     from jpaged.llm import LLM
