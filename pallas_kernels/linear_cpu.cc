@@ -4,10 +4,11 @@
 // a step padded to a bucketed shape computes only its real tokens, and the padding rows of y
 // are 0.
 //
-// JpagedLinearF32: f32 on AVX-512 FMA. W is packed as [L, N / 32, K, 32] panels; a micro
-// kernel keeps up to 14 rows x 32 columns of y in registers and streams its panel once.
+// JpagedLinearF32: f32 on FMA. W is packed as [L, N / 32, K, 32] panels; a micro kernel keeps
+// up to 14 rows x 32 columns of y in registers (AVX-512; AVX2: 6 x 16) and streams its panel.
 //
-// JpagedLinearAmx: bf16 on Intel AMX tiles.
+// JpagedLinearAmx: bf16 on Intel AMX tiles (on CPUs without AMX, the same tiles on AVX2 FMA:
+// linear_avx2.h).
 //
 // y[M, N] = x[M, K] @ W[K, N]; W [L, NB, KB, 16, 32] is packed into AMX "B" tiles: tile (nb, kb) holds rows k = 32 kb .. 32 kb + 31 and
 // columns n = 16 nb .. 16 nb + 15 as 16 rows of (k pair, 16 n x 2 k) bf16, the VNNI order that
