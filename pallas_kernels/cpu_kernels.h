@@ -65,23 +65,40 @@ void run_workers(xla::ffi::ThreadPool& thread_pool, int64_t max_workers, Work wo
   state->cv.wait(lock, [&state, num_workers] { return state->done == num_workers; });
 }
 
+// 2^f for f in [-0.5, 0.5]: degree-6 polynomial coefficients, highest first (relative error
+// ~2e-7), shared by exp16 and exp8.
+constexpr float kExp2Poly[7] = {1.5403530393381606e-4f, 1.3333558146428443e-3f,
+                                9.6181291076284772e-3f, 5.5504108664821580e-2f,
+                                2.4022650695910071e-1f, 6.9314718055994531e-1f, 1.0f};
+constexpr float kLog2e = 1.44269504088896341f;
+
 #if defined(__AVX512F__)
 // e^x for 16 lanes, for x <= 0 (below -100 it gives e^-100): 2^(x log2 e) split into integer
-// and fraction, the fraction by a degree-6 polynomial (relative error ~2e-7), scaled back with
-// vscalefps.
+// and fraction, the fraction by kExp2Poly, scaled back with vscalefps.
 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(kLog2e));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);  // [-0.5, 0.5]
-  __m512 y = _mm512_set1_ps(1.5403530393381606e-4f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+  __m512 y = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 7; ++i) y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2Poly[i]));
   return _mm512_scalef_ps(y, n);
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+// e^x for 8 lanes, x <= 0 (below -87 it gives e^-87, a normal float): as exp16, with 2^n put
+// together in the exponent field.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(kLog2e));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 y = _mm256_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 7; ++i) y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kExp2Poly[i]));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 #endif
 

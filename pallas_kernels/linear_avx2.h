@@ -14,24 +14,7 @@
 constexpr int64_t kRowsAvx2 = 6;     // rows of y per micro block
 constexpr int64_t kGroupAvx2 = 96;   // rows of x (f32, K <= 1536: 576 KB) per group
 
-// e^x for 8 lanes, x <= 0 (below -87 it gives e^-87, a normal float): as exp16, with 2^n put
-// together in the exponent field.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
-  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(t, n);
-  __m256 y = _mm256_set1_ps(1.5403530393381606e-4f);
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.3333558146428443e-3f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.6181291076284772e-3f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.5504108664821580e-2f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.4022650695910071e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(6.9314718055994531e-1f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
+using jpaged::exp8;
 
 // silu(g) = g * sigmoid(g), sigmoid from e^-|g| (as silu16).
 inline __m256 silu8(__m256 g) {

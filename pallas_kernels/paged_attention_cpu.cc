@@ -257,6 +257,75 @@ void attend_row16(const float* q, const float* k_rows, const float* v_rows, int6
     }
   }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define JPAGED_ATTEND_AVX2 1
+// 8 vectors -> one: lane t of the result is the sum of v[t]'s 8 lanes.
+inline __m256 sum8x8(const __m256* v) {
+  // hadd(hadd(v0, v1), hadd(v2, v3)) = v0..v3's low-half sums | their high-half sums
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+inline float reduce_max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline float reduce_add8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// attend_row16 on AVX2 + FMA: keys 8 at a time (D a multiple of 8).
+void attend_row8(const float* q, const float* k_rows, const float* v_rows, int64_t row_stride,
+                 int64_t n, int64_t visible, int64_t D, float* acc, float& row_max,
+                 float& denom) {
+  alignas(32) float w[8];
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t t0 = 0; t0 < visible; t0 += 8) {
+    const int64_t nk = std::min<int64_t>(8, n - t0);
+    const int64_t nv = std::min<int64_t>(8, visible - t0);
+    __m256 part[8];
+    for (int64_t t = 0; t < 8; ++t) {
+      __m256 sum = _mm256_setzero_ps();
+      if (t < nk) {
+        const float* k = k_rows + (t0 + t) * row_stride;
+        for (int64_t d = 0; d < D; d += 8) {
+          sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), sum);
+        }
+      }
+      part[t] = sum;
+    }
+    const __m256 vis = _mm256_castsi256_ps(
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nv)), lane));
+    const __m256 scores = _mm256_blendv_ps(_mm256_set1_ps(kMaskValue), sum8x8(part), vis);
+    const float new_max = std::max(row_max, reduce_max8(scores));
+    const __m256 e =
+        _mm256_and_ps(vis, jpaged::exp8(_mm256_sub_ps(scores, _mm256_set1_ps(new_max))));
+    _mm256_store_ps(w, e);
+    if (new_max > row_max) {  // rescale what acc and denom hold so far
+      const float rescale = std::exp(row_max - new_max);
+      const __m256 rs = _mm256_set1_ps(rescale);
+      for (int64_t d = 0; d < D; d += 8) {
+        _mm256_storeu_ps(acc + d, _mm256_mul_ps(_mm256_loadu_ps(acc + d), rs));
+      }
+      denom *= rescale;
+      row_max = new_max;
+    }
+    denom += reduce_add8(e);
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 a = _mm256_loadu_ps(acc + d);
+      for (int64_t t = 0; t < nv; ++t) {
+        a = _mm256_fmadd_ps(_mm256_broadcast_ss(w + t),
+                            _mm256_loadu_ps(v_rows + (t0 + t) * row_stride + d), a);
+      }
+      _mm256_storeu_ps(acc + d, a);
+    }
+  }
+}
 #endif
 
 // One (tile, kv head) item: G * Q query rows against the tile's context.
@@ -333,6 +402,12 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
       if (D % 16 == 0) {
         attend_row16(qf + r * D, k_rows, v_rows, row_stride, n, visible, D, acc + r * D,
                      row_max[r], denom[r]);
+        continue;
+      }
+#elif defined(JPAGED_ATTEND_AVX2)
+      if (D % 8 == 0) {
+        attend_row8(qf + r * D, k_rows, v_rows, row_stride, n, visible, D, acc + r * D,
+                    row_max[r], denom[r]);
         continue;
       }
 #endif

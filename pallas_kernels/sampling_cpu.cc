@@ -1,7 +1,7 @@
 // Row reductions over [S, V] f32 logits for the sampler (see sampling_cpu.py), as XLA FFI
 // custom calls. XLA:CPU runs each of these as separate passes at ~2 GB/s (a greedy decode
 // step over SmolLM2's 49152-token vocabulary at S = 64 spent ~7 ms in them); here each row is
-// read once or twice with AVX-512, rows shared over XLA's intra-op thread pool.
+// read once or twice with AVX-512 (or AVX2 + FMA), rows shared over XLA's intra-op pool.
 //
 // JpagedRowArgmax: ids [S] i32, the first index of each row's maximum (jnp.argmax for
 //   NaN-free rows); V for a row holding a NaN (the XLA path gives V there too).
@@ -88,6 +88,84 @@ void logprob_row(const float* x, int64_t v, int32_t id, float* lse, int32_t* ran
   *rank = static_cast<int32_t>(count);
 }
 
+#elif defined(__AVX2__) && defined(__FMA__)
+// The same passes on AVX2 + FMA: 8 lanes, the last V % 8 values scalar.
+inline float row_max(const float* x, int64_t v, bool* has_nan) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), nan = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= v; i += 8) {
+    const __m256 a = _mm256_loadu_ps(x + i);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    m = _mm256_max_ps(m, a);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float best = *std::max_element(lanes, lanes + 8);
+  *has_nan = _mm256_movemask_ps(nan) != 0;
+  for (; i < v; ++i) {
+    *has_nan |= std::isnan(x[i]);
+    best = std::max(best, x[i]);
+  }
+  return best;
+}
+
+void argmax_row(const float* x, int64_t v, int32_t* out) {
+  bool has_nan = false;
+  const float m = row_max(x, v, &has_nan);
+  *out = static_cast<int32_t>(v);  // also for a row holding a NaN
+  if (has_nan) return;
+  const __m256 mv = _mm256_set1_ps(m);
+  int64_t i = 0;
+  for (; i + 8 <= v; i += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), mv, _CMP_EQ_OQ));
+    if (hit) {
+      *out = static_cast<int32_t>(i + __builtin_ctz(hit));
+      return;
+    }
+  }
+  for (; i < v; ++i) {
+    if (x[i] == m) {
+      *out = static_cast<int32_t>(i);
+      return;
+    }
+  }
+}
+
+void logprob_row(const float* x, int64_t v, int32_t id, float* lse, int32_t* rank) {
+  bool has_nan = false;
+  const float m = row_max(x, v, &has_nan);
+  const float chosen = x[std::clamp<int64_t>(id, 0, v - 1)];
+  int64_t count = 0;
+  if (has_nan || !std::isfinite(m)) {  // NaN, or an all -inf / +inf row: as logsumexp does
+    for (int64_t i = 0; i < v; ++i) count += x[i] >= chosen;
+    *lse = has_nan ? std::numeric_limits<float>::quiet_NaN()
+                   : (m > 0 ? m : -std::numeric_limits<float>::infinity());
+    *rank = static_cast<int32_t>(count);
+    return;
+  }
+  const __m256 mv = _mm256_set1_ps(m), cv = _mm256_set1_ps(chosen);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= v; i += 8) {
+    const __m256 a = _mm256_loadu_ps(x + i);
+    sum = _mm256_add_ps(sum, jpaged::exp8(_mm256_sub_ps(a, mv)));
+    count += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(a, cv, _CMP_GE_OQ)));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sum);
+  float total = 0.0f;
+  for (float l : lanes) total += l;
+  for (; i < v; ++i) {
+    total += std::exp(x[i] - m);
+    count += x[i] >= chosen;
+  }
+  *lse = m + std::log(total);
+  *rank = static_cast<int32_t>(count);
+}
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define JPAGED_SAMPLING_SIMD 1
 // fn(row) for every row, rows claimed in chunks by the pool's workers.
 template <typename Fn>
 void for_rows(ffi::ThreadPool& pool, int64_t rows, Fn fn) {
@@ -99,11 +177,11 @@ void for_rows(ffi::ThreadPool& pool, int64_t rows, Fn fn) {
     }
   });
 }
-#endif  // __AVX512F__
+#endif  // JPAGED_SAMPLING_SIMD
 
 ffi::Error RowArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Result<ffi::Buffer<ffi::S32>> ids) {
-#if defined(__AVX512F__)
+#if defined(JPAGED_SAMPLING_SIMD)
   auto d = x.dimensions();
   if (d.size() != 2 || ids->dimensions().size() != 1 || ids->dimensions()[0] != d[0] ||
       d[1] == 0) {
@@ -115,14 +193,14 @@ ffi::Error RowArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   for_rows(pool, d[0], [&](int64_t r) { argmax_row(xs + r * v, v, out + r); });
   return ffi::Error::Success();
 #else
-  return ffi::Error::Internal("row_argmax: built for a CPU without AVX-512");
+  return ffi::Error::Internal("row_argmax: built for a CPU without AVX-512 or AVX2 + FMA");
 #endif
 }
 
 ffi::Error RowLogprobImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::S32> ids, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                           ffi::Result<ffi::Buffer<ffi::S32>> rank) {
-#if defined(__AVX512F__)
+#if defined(JPAGED_SAMPLING_SIMD)
   auto d = x.dimensions();
   if (d.size() != 2 || d[1] == 0 || ids.dimensions().size() != 1 || ids.dimensions()[0] != d[0]) {
     return ffi::Error::InvalidArgument("row_logprob: x must be [S, V > 0], ids [S]");
@@ -137,7 +215,7 @@ ffi::Error RowLogprobImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   });
   return ffi::Error::Success();
 #else
-  return ffi::Error::Internal("row_logprob: built for a CPU without AVX-512");
+  return ffi::Error::Internal("row_logprob: built for a CPU without AVX-512 or AVX2 + FMA");
 #endif
 }
 

@@ -2,8 +2,8 @@
 
 XLA:CPU runs `argmax`, `logsumexp` and the rank count as separate passes at ~2 GB/s: a
 greedy decode step at S = 64 over a 49152-token vocabulary spent ~7 ms in them.
-`sampling_cpu.cc` does each row in one or two AVX-512 passes, rows shared over XLA's
-intra-op thread pool. Built on first use like the other kernels (pallas_kernels.cpu_build);
+`sampling_cpu.cc` does each row in one or two AVX-512 (or AVX2 + FMA) passes, rows shared
+over XLA's intra-op thread pool. Built on first use like the other kernels (pallas_kernels.cpu_build);
 `load` says whether that worked, and jpaged.sampler keeps its XLA path where it did not.
 """
 
@@ -22,7 +22,9 @@ _TARGETS = {"jpaged_row_argmax": "JpagedRowArgmax", "jpaged_row_logprob": "Jpage
 
 def load(build_dir: Path) -> bool:
     """Build (once per machine) and register the kernels; False where they cannot run here."""
-    return "avx512f" in cpu_flags().split() and load_kernel(SOURCE, _TARGETS, build_dir)
+    flags = set(cpu_flags().split())
+    simd = "avx512f" in flags or {"avx2", "fma"} <= flags
+    return simd and load_kernel(SOURCE, _TARGETS, build_dir)
 
 
 def _check(x: jax.Array) -> None:

@@ -18,7 +18,8 @@ from jpaged.sampling_tensors import SamplingRow, build_sampling_tensors
 from pallas_kernels import sampling_cpu
 
 pytestmark = pytest.mark.skipif(
-    not sampling_cpu.load(kernels_cache_dir()), reason="no C++ compiler / AVX-512 here"
+    not sampling_cpu.load(kernels_cache_dir()),
+    reason="no C++ compiler / AVX-512 or AVX2 + FMA here",
 )
 
 
