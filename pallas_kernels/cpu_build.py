@@ -11,6 +11,7 @@ reported as False, so the callers can fall back to plain XLA.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -32,8 +33,10 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 _building: dict[str, threading.Thread] = {}
 
 
+@functools.cache
 def cpu_flags() -> str:
-    """The `flags` line of /proc/cpuinfo (or the processor name where there is none)."""
+    """The `flags` line of /proc/cpuinfo (or the processor name where there is none); read
+    once per process."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -41,6 +44,12 @@ def cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def has_fma_simd() -> bool:
+    """Whether the CPU has the vector FMA paths every kernel has: AVX-512F, or AVX2 + FMA."""
+    flags = set(cpu_flags().split())
+    return "avx512f" in flags or {"avx2", "fma"} <= flags
 
 
 def installed_dir() -> Path:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.cpu_build import cpu_flags, is_loaded, load_kernel
+from pallas_kernels.cpu_build import cpu_flags, has_fma_simd, is_loaded, load_kernel
 
 SOURCE = Path(__file__).with_name("linear_cpu.cc")
 _TARGETS = {
@@ -52,8 +52,7 @@ _checked: dict[tuple[str, str], bool] = {}
 def cpu_supports(dtype: str) -> bool:
     """Whether the CPU has the instructions the `dtype` kernel needs: AVX-512F or AVX2 + FMA
     (bf16 runs on AMX-BF16 where the CPU has it, else on AVX2 + FMA)."""
-    flags = set(cpu_flags().split())
-    return dtype in DTYPES and ("avx512f" in flags or {"avx2", "fma"} <= flags)
+    return dtype in DTYPES and has_fma_simd()
 
 
 def has_amx() -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.cpu_build import cpu_flags, is_loaded, load_kernel
+from pallas_kernels.cpu_build import has_fma_simd, is_loaded, load_kernel
 
 SOURCE = Path(__file__).with_name("sampling_cpu.cc")
 _TARGETS = {"jpaged_row_argmax": "JpagedRowArgmax", "jpaged_row_logprob": "JpagedRowLogprob"}
@@ -22,9 +22,7 @@ _TARGETS = {"jpaged_row_argmax": "JpagedRowArgmax", "jpaged_row_logprob": "Jpage
 
 def load(build_dir: Path) -> bool:
     """Build (once per machine) and register the kernels; False where they cannot run here."""
-    flags = set(cpu_flags().split())
-    simd = "avx512f" in flags or {"avx2", "fma"} <= flags
-    return simd and load_kernel(SOURCE, _TARGETS, build_dir)
+    return has_fma_simd() and load_kernel(SOURCE, _TARGETS, build_dir)
 
 
 def _check(x: jax.Array) -> None:
