@@ -267,18 +267,6 @@ inline __m256 sum8x8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-inline float reduce_max8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
-inline float reduce_add8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 // attend_row16 on AVX2 + FMA: keys 8 at a time (D a multiple of 8).
 void attend_row8(const float* q, const float* k_rows, const float* v_rows, int64_t row_stride,
                  int64_t n, int64_t visible, int64_t D, float* acc, float& row_max,
@@ -302,7 +290,7 @@ void attend_row8(const float* q, const float* k_rows, const float* v_rows, int64
     const __m256 vis = _mm256_castsi256_ps(
         _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nv)), lane));
     const __m256 scores = _mm256_blendv_ps(_mm256_set1_ps(kMaskValue), sum8x8(part), vis);
-    const float new_max = std::max(row_max, reduce_max8(scores));
+    const float new_max = std::max(row_max, jpaged::reduce_max8(scores));
     const __m256 e =
         _mm256_and_ps(vis, jpaged::exp8(_mm256_sub_ps(scores, _mm256_set1_ps(new_max))));
     _mm256_store_ps(w, e);
@@ -315,7 +303,7 @@ void attend_row8(const float* q, const float* k_rows, const float* v_rows, int64
       denom *= rescale;
       row_max = new_max;
     }
-    denom += reduce_add8(e);
+    denom += jpaged::reduce_add8(e);
     for (int64_t d = 0; d < D; d += 8) {
       __m256 a = _mm256_loadu_ps(acc + d);
       for (int64_t t = 0; t < nv; ++t) {

@@ -98,9 +98,7 @@ inline float row_max(const float* x, int64_t v, bool* has_nan) {
     nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
     m = _mm256_max_ps(m, a);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, m);
-  float best = *std::max_element(lanes, lanes + 8);
+  float best = jpaged::reduce_max8(m);
   *has_nan = _mm256_movemask_ps(nan) != 0;
   for (; i < v; ++i) {
     *has_nan |= std::isnan(x[i]);
@@ -151,10 +149,7 @@ void logprob_row(const float* x, int64_t v, int32_t id, float* lse, int32_t* ran
     sum = _mm256_add_ps(sum, jpaged::exp8(_mm256_sub_ps(a, mv)));
     count += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(a, cv, _CMP_GE_OQ)));
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, sum);
-  float total = 0.0f;
-  for (float l : lanes) total += l;
+  float total = jpaged::reduce_add8(sum);
   for (; i < v; ++i) {
     total += std::exp(x[i] - m);
     count += x[i] >= chosen;
