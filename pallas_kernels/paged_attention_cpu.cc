@@ -122,7 +122,15 @@ inline void load_row(const void* src, ffi::DataType dtype, int n, float* dst) {
       return;
     case ffi::DataType::BF16: {
       const uint16_t* s = static_cast<const uint16_t*>(src);
-      for (int i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+      int i = 0;
+#if defined(__AVX2__)
+      for (; i + 8 <= n; i += 8) {  // bf16 bits are f32's upper half: widen and shift
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+        const __m256i bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(bits));
+      }
+#endif
+      for (; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
       return;
     }
     case ffi::DataType::F16: {
@@ -267,22 +275,29 @@ inline __m256 sum8x8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-// attend_row16 on AVX2 + FMA: keys 8 at a time (D a multiple of 8).
+// attend_row16 on AVX2 + FMA: keys 8 at a time. DV = D / 8 when it is a compile-time constant
+// (D = 64, 128: q's vectors and the accumulator rows held in registers, the d loops unrolled),
+// else 0 and D at run time. Both give the same bits: one FMA chain per score over d, and acc
+// summed over the keys in order.
+template <int DV>
 void attend_row8(const float* q, const float* k_rows, const float* v_rows, int64_t row_stride,
-                 int64_t n, int64_t visible, int64_t D, float* acc, float& row_max,
+                 int64_t n, int64_t visible, int64_t d_runtime, float* acc, float& row_max,
                  float& denom) {
+  const int64_t nvec = DV > 0 ? DV : d_runtime / 8;
   alignas(32) float w[8];
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t t0 = 0; t0 < visible; t0 += 8) {
     const int64_t nk = std::min<int64_t>(8, n - t0);
     const int64_t nv = std::min<int64_t>(8, visible - t0);
     __m256 part[8];
+#pragma GCC unroll 8
     for (int64_t t = 0; t < 8; ++t) {
       __m256 sum = _mm256_setzero_ps();
       if (t < nk) {
         const float* k = k_rows + (t0 + t) * row_stride;
-        for (int64_t d = 0; d < D; d += 8) {
-          sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), sum);
+#pragma GCC unroll 16
+        for (int64_t i = 0; i < nvec; ++i) {
+          sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_loadu_ps(k + 8 * i), sum);
         }
       }
       part[t] = sum;
@@ -297,20 +312,35 @@ void attend_row8(const float* q, const float* k_rows, const float* v_rows, int64
     if (new_max > row_max) {  // rescale what acc and denom hold so far
       const float rescale = std::exp(row_max - new_max);
       const __m256 rs = _mm256_set1_ps(rescale);
-      for (int64_t d = 0; d < D; d += 8) {
-        _mm256_storeu_ps(acc + d, _mm256_mul_ps(_mm256_loadu_ps(acc + d), rs));
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < nvec; ++i) {
+        _mm256_storeu_ps(acc + 8 * i, _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * i), rs));
       }
       denom *= rescale;
       row_max = new_max;
     }
     denom += jpaged::reduce_add8(e);
-    for (int64_t d = 0; d < D; d += 8) {
-      __m256 a = _mm256_loadu_ps(acc + d);
+    if constexpr (DV > 0) {
+      __m256 a[DV];
+#pragma GCC unroll 16
+      for (int i = 0; i < DV; ++i) a[i] = _mm256_loadu_ps(acc + 8 * i);
       for (int64_t t = 0; t < nv; ++t) {
-        a = _mm256_fmadd_ps(_mm256_broadcast_ss(w + t),
-                            _mm256_loadu_ps(v_rows + (t0 + t) * row_stride + d), a);
+        const __m256 wt = _mm256_broadcast_ss(w + t);
+        const float* v = v_rows + (t0 + t) * row_stride;
+#pragma GCC unroll 16
+        for (int i = 0; i < DV; ++i) a[i] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(v + 8 * i), a[i]);
       }
-      _mm256_storeu_ps(acc + d, a);
+#pragma GCC unroll 16
+      for (int i = 0; i < DV; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
+    } else {
+      for (int64_t i = 0; i < nvec; ++i) {
+        __m256 a = _mm256_loadu_ps(acc + 8 * i);
+        for (int64_t t = 0; t < nv; ++t) {
+          a = _mm256_fmadd_ps(_mm256_broadcast_ss(w + t),
+                              _mm256_loadu_ps(v_rows + (t0 + t) * row_stride + 8 * i), a);
+        }
+        _mm256_storeu_ps(acc + 8 * i, a);
+      }
     }
   }
 }
@@ -394,8 +424,9 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
       }
 #elif defined(JPAGED_ATTEND_AVX2)
       if (D % 8 == 0) {
-        attend_row8(qf + r * D, k_rows, v_rows, row_stride, n, visible, D, acc + r * D,
-                    row_max[r], denom[r]);
+        auto row = D == 64 ? attend_row8<8> : D == 128 ? attend_row8<16> : attend_row8<0>;
+        row(qf + r * D, k_rows, v_rows, row_stride, n, visible, D, acc + r * D, row_max[r],
+            denom[r]);
         continue;
       }
 #endif
