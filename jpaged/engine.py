@@ -83,13 +83,14 @@ class LLMEngine:
         if config.enable_compile_cache:
             enable_compile_cache()
         self.mesh = mesh if mesh is not None else tp_mesh(config)
-        model, tokenizer = load_engine_model(config, self.mesh, model, tokenizer)
+        weights, tokenizer = load_engine_model(config, self.mesh, model, tokenizer)
         self.tokenizer = tokenizer
-        self.model_config: LlamaConfig = model.config
+        self.model_config: LlamaConfig = weights.config
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
-        self.runner, num_blocks = build_runner(config, model, self.mesh, self.max_model_len)
+        self.runner, num_blocks = build_runner(config, weights, self.mesh, self.max_model_len)
+        del weights
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
             block_size=config.block_size,

@@ -3,9 +3,14 @@ backends and the model runner."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 
+from jpaged import packed_cache
 from jpaged.config import EngineConfig
 from jpaged.kv_pool import (
     allocate_kv_pool,
@@ -23,9 +28,13 @@ from jpaged.sharded_model import (
 )
 from jpaged.tokenizer import Tokenizer
 from jpaged.weights import iter_safetensors, load_model
+from models.config import LlamaConfig
 from models.llama import Llama, llama_from_hf_tensors
+from models.packed_linears import pack_linear_params
 from models.quant import LINEAR_NAMES
 from models.quant_load import resolve_quantization
+
+logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 4 << 30  # like vLLM's CPU default KV space (4 GiB)
 
@@ -73,19 +82,45 @@ def tp_mesh(config: EngineConfig) -> jax.sharding.Mesh | None:
     return mesh
 
 
+@dataclasses.dataclass
+class EngineWeights:
+    """What the runner is built from: the model, or (cpu linears, from jpaged.packed_cache or
+    just packed) its params in the packed layout, or both."""
+
+    config: LlamaConfig
+    model: Llama | None
+    packed: dict | None = None
+
+    @property
+    def weights_dtype(self) -> str:
+        if self.model is not None:
+            return str(self.model.embed[...].dtype)
+        return str(self.packed["packed"]["head"].dtype)
+
+    @property
+    def float_linears(self) -> bool:
+        """No linear is quantized (packed params hold only float linears)."""
+        return self.model is None or all(n in self.model.layers for n in LINEAR_NAMES)
+
+
 def load_engine_model(
     config: EngineConfig,
     mesh: jax.sharding.Mesh | None,
     model: Llama | None = None,
     tokenizer: Tokenizer | None = None,
-) -> tuple[Llama, Tokenizer]:
+) -> tuple[EngineWeights, Tokenizer]:
     """`config.model` loaded (quantized / sharded as asked), or a prebuilt model re-placed
-    onto `mesh`. ValueError when a prebuilt model comes without a tokenizer, or for
-    quantization with tensor parallelism (not built)."""
+    onto `mesh`. A checkpoint for the cpu linears on one device goes through the packed-weights
+    cache (jpaged.packed_cache): a hit builds no model. ValueError when a prebuilt model comes
+    without a tokenizer, or for quantization with tensor parallelism (not built)."""
     dtype = jnp.dtype(config.jax_dtype())
     if model is None:
         loaded = load_model(config.model)
         quant = resolve_quantization(config.quantization, loaded.model_dir)
+        if quant is None and mesh is None and packed_cache.enabled():
+            if config.resolved_linear_backend(str(dtype)) == "cpu":
+                weights = _packed_weights(loaded.config, loaded.model_dir, dtype)
+                return weights, loaded.tokenizer
         if quant is None:
             model = load_llama_from_dir(loaded.config, loaded.model_dir, dtype, mesh)
         elif mesh is None:
@@ -98,24 +133,41 @@ def load_engine_model(
         model = shard_llama(model, mesh)
     if tokenizer is None:
         raise ValueError("tokenizer is required when a prebuilt model is given")
-    return model, tokenizer
+    return EngineWeights(model.config, model), tokenizer
+
+
+def _packed_weights(c: LlamaConfig, model_dir: Path, dtype: jnp.dtype) -> EngineWeights:
+    """The packed params from the cache, else packed from the checkpoint and saved there."""
+    path = packed_cache.entry_dir(model_dir, dtype)
+    packed = packed_cache.load_or_none(path)
+    if packed is not None:
+        return EngineWeights(c, None, packed)
+    model = llama_from_hf_tensors(c, iter_safetensors(model_dir), dtype)
+    packed = pack_linear_params(model.config, model.params())
+    try:
+        packed_cache.save(packed, path)
+    except OSError as exc:  # a read-only or full disk costs the next start, not this one
+        logger.warning("could not save the packed weights cache %s: %s", path, exc)
+    return EngineWeights(model.config, None, packed)
 
 
 def pool_num_blocks(
     config: EngineConfig,
-    model: Llama,
+    weights: EngineWeights,
     mesh: jax.sharding.Mesh | None,
     kv_dtype: jnp.dtype,
     max_model_len: int,
 ) -> int:
     """KV blocks: `num_blocks`, else `kv_cache_memory`, else the device budget (CPU: 4 GiB),
     capped at what max_num_seqs full-length sequences need."""
-    c, mc = config, model.config
+    c, mc = config, weights.config
     if c.num_blocks is not None:
         return c.num_blocks
     budget = c.kv_cache_memory
     if budget is None:
-        budget = device_kv_budget(bytes_per_device(model), 0, c.gpu_memory_utilization)
+        budget = device_kv_budget(
+            bytes_per_device(weights.model or weights.packed), 0, c.gpu_memory_utilization
+        )
         if budget is None:
             budget = CPU_DEFAULT_KV_BYTES
         elif mesh is not None:  # per-device room x devices the pool is split over
@@ -127,24 +179,22 @@ def pool_num_blocks(
 
 
 def build_runner(
-    config: EngineConfig, model: Llama, mesh: jax.sharding.Mesh | None, max_model_len: int
+    config: EngineConfig, weights: EngineWeights, mesh: jax.sharding.Mesh | None, max_model_len: int
 ) -> tuple[ModelRunner, int]:
     """Resolve the backends, size and allocate the KV pool, and build the model runner.
 
     Returns (runner, number of KV blocks). ValueError when an asked-for backend cannot run.
     """
     attention_backend = config.resolved_backend()
-    float_linears = all(n in model.layers for n in LINEAR_NAMES)
-    linear_backend = config.resolved_linear_backend(str(model.embed[...].dtype), float_linears)
+    linear_backend = config.resolved_linear_backend(weights.weights_dtype, weights.float_linears)
     kv_dtype = jnp.dtype(config.jax_kv_dtype())
-    num_blocks = pool_num_blocks(config, model, mesh, kv_dtype, max_model_len)
-    sharding = kv_pool_sharding(mesh, model.config) if mesh is not None else None
+    num_blocks = pool_num_blocks(config, weights, mesh, kv_dtype, max_model_len)
+    mc = weights.config
+    sharding = kv_pool_sharding(mesh, mc) if mesh is not None else None
     zeroed = attention_backend != "cpu" or mesh is not None  # see allocate_kv_pool
-    kv_pool = allocate_kv_pool(
-        model.config, num_blocks, config.block_size, kv_dtype, sharding, zeroed=zeroed
-    )
+    kv_pool = allocate_kv_pool(mc, num_blocks, config.block_size, kv_dtype, sharding, zeroed=zeroed)
     runner = ModelRunner(
-        model,
+        weights.model,
         kv_pool,
         block_size=config.block_size,
         max_model_len=max_model_len,
@@ -153,5 +203,7 @@ def build_runner(
         mesh=mesh,
         linear_backend=linear_backend,
         fast_greedy_head=config.fast_greedy_head,
+        packed_params=weights.packed,
+        config=mc,
     )
     return runner, num_blocks

@@ -25,8 +25,9 @@ from jpaged import greedy_head
 from jpaged.paths import kernels_cache_dir
 from jpaged.sampler import compute_logprobs, penalty_free, sample
 from jpaged.sampling_tensors import SamplingRow, build_sampling_tensors
+from models.config import LlamaConfig
 from models.llama import Llama, ModelBatch, llama_forward, unstack_layers
-from models.packed_linears import pack_linear_params
+from models.packed_linears import pack_linear_params, unpacked_head
 from pallas_kernels import linear_cpu, sampling_cpu
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,8 @@ class ModelRunner:
         mesh: jax.sharding.Mesh | None = None,
         linear_backend: str = "xla",
         fast_greedy_head: bool = True,
+        packed_params: dict | None = None,
+        config: LlamaConfig | None = None,
     ) -> None:
         """`mesh`: the weights and pool are sharded over it (jpaged.sharded_model); step
         outputs are replicated on it, the pool keeps its sharding. `linear_backend`: xla
@@ -166,31 +169,41 @@ class ModelRunner:
         `fast_greedy_head`: with cpu linears, steps whose rows are all greedy and need no
         logprobs take their ids without the f32 logits (the same ids): a bf16 head from
         `linear_cpu.linear_argmax`, an f32 one from `linear_cpu.head_argmax` (on AMX only; a
-        bf16 copy of the head kept besides)."""
-        self.config = model.config
+        bf16 copy of the head kept besides). `packed_params`: with cpu linears, what
+        `pack_linear_params` gives for the model (jpaged.packed_cache); then `model` may be
+        None and `config` its config."""
+        if packed_params is not None and linear_backend != "cpu":
+            raise ValueError("packed_params: only the cpu linear backend takes packed params")
+        if model is None and (packed_params is None or config is None):
+            raise ValueError("model: needed unless packed_params and config are given")
+        self.config = model.config if model is not None else config
         self.attention_backend = attention_backend  # a name in ATTENTION_BACKENDS, fixed
         self.linear_backend = linear_backend
         # the sampler's reductions as C++ kernels where the C++ attention runs (one CPU device)
         self.sampler_kernels = attention_backend == "cpu" and sampling_cpu.load(kernels_cache_dir())
-        params = model.params()
         self.head_screening = self.head_argmax = False  # the fast greedy path, f32 / bf16
         if linear_backend == "cpu":
             c = self.config
-            head = params["embed"].T if c.tie_word_embeddings else params["lm_head"]
-            params = pack_linear_params(c, params)
+            params = packed_params
+            if params is None:
+                params = pack_linear_params(c, model.params())
+            params = dict(params)
+            head_dtype = params["packed"]["head"].dtype
             if fast_greedy_head and linear_cpu.available(kernels_cache_dir(), "bfloat16"):
                 # the f32 screen pays only where bf16 runs far faster than f32 (AMX)
-                self.head_screening = head.dtype == jnp.float32 and linear_cpu.has_amx()
-                self.head_argmax = head.dtype == jnp.bfloat16
+                self.head_screening = head_dtype == jnp.float32 and linear_cpu.has_amx()
+                self.head_argmax = head_dtype == jnp.bfloat16
             if self.head_screening:
-                params["head_screen"] = greedy_head.screen_params(head)
+                params["head_screen"] = greedy_head.screen_params(unpacked_head(c, params))
+        else:
+            params = model.params()
         if unroll_layers:  # per-layer weight arrays, so the step copies no weight slices
             params["layers"] = unstack_layers(params["layers"], self.config.num_hidden_layers)
         self.params = params
         self.kv_pool = kv_pool
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
-        self.vocab_size = model.config.vocab_size
+        self.vocab_size = self.config.vocab_size
         self.mesh = mesh
         shardings = {}
         if mesh is not None:

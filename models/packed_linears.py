@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import LlamaConfig
-from pallas_kernels.linear_cpu import pack, pack_swiglu
+from pallas_kernels.linear_cpu import pack, pack_swiglu, packed_rows
 
 # The cpu linear backend's packed linears: name -> the layer weights it concatenates along N.
 PACKED_GROUPS = {
@@ -46,3 +46,8 @@ def pack_linear_params(c: LlamaConfig, params: dict) -> dict:
         del params["embed"]
     params.pop("lm_head", None)
     return params
+
+
+def unpacked_head(c: LlamaConfig, params: dict) -> jax.Array:
+    """The [hidden, vocab] head that `pack_linear_params` packed into params["packed"]["head"]."""
+    return packed_rows(params["packed"]["head"], jnp.arange(c.vocab_size), c.hidden_size).T
