@@ -150,7 +150,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: Llama,
+        model: Llama | None,
         kv_pool: jax.Array,
         *,
         block_size: int,
