@@ -166,7 +166,9 @@ def pool_num_blocks(
     budget = c.kv_cache_memory
     if budget is None:
         budget = device_kv_budget(
-            bytes_per_device(weights.model or weights.packed), 0, c.gpu_memory_utilization
+            bytes_per_device(weights.packed if weights.model is None else weights.model),
+            0,
+            c.gpu_memory_utilization,
         )
         if budget is None:
             budget = CPU_DEFAULT_KV_BYTES

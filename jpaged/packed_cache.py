@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.paths import cache_dir
-from jpaged.weights import safetensors_files
+from jpaged.weights import weights_key
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +43,8 @@ def enabled() -> bool:
 
 def entry_dir(model_dir: Path | str, dtype: Any) -> Path:
     """Where the packed params of `model_dir` in `dtype` live (the entry may not exist yet)."""
-    parts = [str(Path(model_dir).resolve()), str(jnp.dtype(dtype)), f"v{CACHE_VERSION}"]
-    for f in safetensors_files(model_dir):
-        stat = f.stat()
-        parts.append(f"{f.name}|{stat.st_size}|{stat.st_mtime_ns}")
-    for rel in _PACKING_SOURCES:
-        parts.append(hashlib.sha256((_ROOT / rel).read_bytes()).hexdigest())
-    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    code = [hashlib.sha256((_ROOT / rel).read_bytes()).hexdigest() for rel in _PACKING_SOURCES]
+    key = weights_key(model_dir, str(jnp.dtype(dtype)), f"v{CACHE_VERSION}", *code)
     return cache_dir() / "packed" / f"{Path(model_dir).name}-{jnp.dtype(dtype)}-{key}"
 
 

@@ -11,7 +11,6 @@ checkpoint's). $JPAGED_SHARDED_CACHE=0 turns it off.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jpaged.paths import cache_dir
-from jpaged.weights import safetensors_files
+from jpaged.weights import weights_key
 from models.config import LlamaConfig
 from models.llama import Llama
 from models.sharding import ShardingPlan, weight_sharding
@@ -39,11 +38,7 @@ def enabled() -> bool:
 
 def checkpoint_dir(model_dir: Path, dtype: jnp.dtype) -> Path:
     """Where the orbax copy of `model_dir`'s weights in `dtype` lives (may not exist yet)."""
-    parts = [str(Path(model_dir).resolve()), str(jnp.dtype(dtype)), f"v{CACHE_VERSION}"]
-    for f in safetensors_files(model_dir):
-        stat = f.stat()
-        parts.append(f"{f.name}|{stat.st_size}|{stat.st_mtime_ns}")
-    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    key = weights_key(model_dir, str(jnp.dtype(dtype)), f"v{CACHE_VERSION}")
     return cache_dir() / "orbax" / f"{Path(model_dir).name}-{key}"
 
 

@@ -194,6 +194,16 @@ def safetensors_files(model_dir: Path | str) -> list[Path]:
     return files
 
 
+def weights_key(model_dir: Path | str, *parts: str) -> str:
+    """A 16-hex-digit key of a model directory's weights as they are on disk (its resolved path,
+    each weight file's name, size and mtime) and `parts`: for caches derived from them."""
+    lines = [str(Path(model_dir).resolve()), *parts]
+    for f in safetensors_files(model_dir):
+        stat = f.stat()
+        lines.append(f"{f.name}|{stat.st_size}|{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
 def iter_safetensors(model_dir: Path | str) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) for every tensor of a model, one at a time, in file order.
 

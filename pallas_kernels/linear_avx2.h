@@ -14,6 +14,7 @@
 constexpr int64_t kRowsAvx2 = 6;     // rows of y per micro block
 constexpr int64_t kGroupAvx2 = 96;   // rows of x (f32, K <= 1536: 576 KB) per group
 
+using jpaged::bf16_8_to_f32;
 using jpaged::exp8;
 
 // silu(g) = g * sigmoid(g), sigmoid from e^-|g| (as silu16).
@@ -34,10 +35,6 @@ inline __m128i to_bf16_8(__m256 v) {
   r = _mm256_blendv_epi8(r, _mm256_or_si256(bits, _mm256_set1_epi32(0x400000)), nan);
   r = _mm256_srli_epi32(r, 16);
   return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-}
-
-inline __m256 bf16_8_to_f32(__m128i h) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
 inline __m256 round_bf16_8(__m256 v) { return bf16_8_to_f32(to_bf16_8(v)); }

@@ -123,11 +123,10 @@ inline void load_row(const void* src, ffi::DataType dtype, int n, float* dst) {
     case ffi::DataType::BF16: {
       const uint16_t* s = static_cast<const uint16_t*>(src);
       int i = 0;
-#if defined(__AVX2__)
-      for (; i + 8 <= n; i += 8) {  // bf16 bits are f32's upper half: widen and shift
+#if defined(__AVX2__) && defined(__FMA__)
+      for (; i + 8 <= n; i += 8) {
         const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
-        const __m256i bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
-        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(bits));
+        _mm256_storeu_ps(dst + i, jpaged::bf16_8_to_f32(h));
       }
 #endif
       for (; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
@@ -380,6 +379,9 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
   }
   std::fill(acc, acc + rows * D, 0.0f);
 
+#if defined(JPAGED_ATTEND_AVX2)
+  auto* const row8 = D == 64 ? attend_row8<8> : D == 128 ? attend_row8<16> : attend_row8<0>;
+#endif
   const int64_t num_pages = max_visible < 0 ? 0 : max_visible / bs + 1;
   const int32_t* table = p.block_tables + tile * p.width;
   const size_t token_stride = static_cast<size_t>(p.num_kv_heads * D) * p.kv_item;
@@ -424,8 +426,7 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
       }
 #elif defined(JPAGED_ATTEND_AVX2)
       if (D % 8 == 0) {
-        auto row = D == 64 ? attend_row8<8> : D == 128 ? attend_row8<16> : attend_row8<0>;
-        row(qf + r * D, k_rows, v_rows, row_stride, n, visible, D, acc + r * D, row_max[r],
+        row8(qf + r * D, k_rows, v_rows, row_stride, n, visible, D, acc + r * D, row_max[r],
             denom[r]);
         continue;
       }
