@@ -198,7 +198,7 @@ class LLMEngine:
                 index=i,
                 seed=(base_seed + i * 0x9E3779B1) & 0xFFFFFFFF,
                 detokenizer=IncrementalDetokenizer(
-                    self.tokenizer.hf,
+                    self.tokenizer.backend,
                     ids,
                     params.skip_special_tokens,
                     params.spaces_between_special_tokens,

@@ -78,7 +78,7 @@ def test_special_tokens_match_transformers(tokenizer: Tokenizer, ref_tokens: dic
     assert tokenizer.vocab_size == ref_tokens["vocab_size"]
     assert tokenizer.bos_token_id == ref_tokens["bos_token_id"]
     assert tokenizer.eos_token_id == ref_tokens["eos_token_id"]
-    assert tokenizer.hf.pad_token_id == ref_tokens["pad_token_id"]
+    assert tokenizer.pad_token_id == ref_tokens["pad_token_id"]
     assert sorted(tokenizer.all_special_ids) == ref_tokens["all_special_ids"]
 
 
