@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from jpaged.config import EngineConfig
 from jpaged.engine import EngineStats, LLMEngine, PromptType
@@ -25,7 +26,9 @@ from jpaged.mesh import build_mesh, replica_meshes
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.tokenizer import Tokenizer
-from models.llama import Llama
+
+if TYPE_CHECKING:
+    from models.llama import Llama
 
 
 class DataParallelEngine:

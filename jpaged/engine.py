@@ -7,7 +7,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 
@@ -33,7 +33,9 @@ from jpaged.sequence import next_seq_id
 from jpaged.speculative import NgramProposer, propose_drafts, speculates, step_tokens
 from jpaged.tokenizer import Tokenizer
 from models.config import LlamaConfig
-from models.llama import Llama
+
+if TYPE_CHECKING:  # models.llama imports Flax; a packed-cache start builds no Llama
+    from models.llama import Llama
 
 logger = logging.getLogger("jpaged")
 

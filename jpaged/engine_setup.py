@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -23,16 +24,19 @@ from jpaged.sharded_model import (
     bytes_per_device,
     kv_pool_sharding,
     kv_pool_shards,
+    load_llama,
     load_llama_from_dir,
     shard_llama,
 )
 from jpaged.tokenizer import Tokenizer
 from jpaged.weights import iter_safetensors, load_model
 from models.config import LlamaConfig
-from models.llama import Llama, llama_from_hf_tensors
 from models.packed_linears import pack_linear_params
 from models.quant import LINEAR_NAMES
 from models.quant_load import resolve_quantization
+
+if TYPE_CHECKING:  # models.llama imports Flax; a packed-cache start builds no Llama
+    from models.llama import Llama
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +128,8 @@ def load_engine_model(
         if quant is None:
             model = load_llama_from_dir(loaded.config, loaded.model_dir, dtype, mesh)
         elif mesh is None:
+            from models.llama import llama_from_hf_tensors
+
             tensors = iter_safetensors(loaded.model_dir)
             model = llama_from_hf_tensors(loaded.config, tensors, dtype, quantization=quant)
         else:
@@ -142,7 +148,7 @@ def _packed_weights(c: LlamaConfig, model_dir: Path, dtype: jnp.dtype) -> Engine
     packed = packed_cache.load_or_none(path)
     if packed is not None:
         return EngineWeights(c, None, packed)
-    model = llama_from_hf_tensors(c, iter_safetensors(model_dir), dtype)
+    model = load_llama(c, iter_safetensors(model_dir), dtype)
     packed = pack_linear_params(model.config, model.params())
     try:
         packed_cache.save(packed, path)

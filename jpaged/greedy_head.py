@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jpaged.sampler import SamplerOutput, greedy_without_logprobs, ids_only_output, sample
 from jpaged.sampling_tensors import SamplingTensors
 from models.config import LlamaConfig
-from models.llama import lm_head
+from models.forward import lm_head
 from pallas_kernels import linear_cpu
 
 

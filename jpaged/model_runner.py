@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +26,12 @@ from jpaged.paths import kernels_cache_dir
 from jpaged.sampler import compute_logprobs, penalty_free, sample
 from jpaged.sampling_tensors import SamplingRow, build_sampling_tensors
 from models.config import LlamaConfig
-from models.llama import Llama, ModelBatch, llama_forward, unstack_layers
+from models.forward import ModelBatch, llama_forward, unstack_layers
 from models.packed_linears import pack_linear_params, unpacked_head
 from pallas_kernels import linear_cpu, sampling_cpu
+
+if TYPE_CHECKING:  # models.llama imports Flax; a packed-cache start builds no Llama
+    from models.llama import Llama
 
 logger = logging.getLogger(__name__)
 

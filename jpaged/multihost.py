@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from jpaged.sampling_tensors import SamplingTensors
-from models.llama import ModelBatch
+from models.forward import ModelBatch
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,12 @@ logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
 _ROOT = Path(__file__).resolve().parent.parent
 # the code whose output the entries hold: a change to it is a change of key
-_PACKING_SOURCES = ("models/packed_linears.py", "pallas_kernels/linear_cpu.py", "models/llama.py")
+_PACKING_SOURCES = (
+    "models/packed_linears.py",
+    "pallas_kernels/linear_cpu.py",
+    "models/llama.py",
+    "models/forward.py",
+)
 _MANIFEST = "manifest.json"
 
 

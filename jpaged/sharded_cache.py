@@ -68,7 +68,7 @@ def restore(
     """The model from the checkpoint at `path`, each weight restored onto its shards."""
     import orbax.checkpoint as ocp
 
-    from models.llama import layer_weight_shapes
+    from models.forward import layer_weight_shapes
     from models.rope import rope_inv_freq
 
     c = config

@@ -11,16 +11,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from jpaged import sharded_cache
 from jpaged.weights import iter_safetensors
 from models.config import LlamaConfig
-from models.llama import Llama, Place, llama_from_hf_tensors, llama_to_hf_tensors
 from models.sharding import (
     TP_AXIS,
     ShardingPlan,
@@ -30,6 +29,9 @@ from models.sharding import (
     repeat_kv_heads,
     weight_sharding,
 )
+
+if TYPE_CHECKING:  # models.llama imports Flax, which a packed-cache start never needs
+    from models.llama import Llama, Place
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ def load_llama(
 
     The returned model's config has the KV heads it stores (repeated when tp > KV heads).
     """
+    from models.llama import llama_from_hf_tensors
+
     if mesh is None:
         return llama_from_hf_tensors(config, tensors, dtype)
     plan = plan_sharding(config, mesh_tp(mesh))
@@ -98,7 +102,9 @@ def load_llama_from_dir(
 ) -> Llama:
     """A model directory's weights, through the orbax cache when sharded (jpaged.sharded_cache)."""
     if mesh is None:
-        return llama_from_hf_tensors(config, iter_safetensors(model_dir), dtype)
+        return load_llama(config, iter_safetensors(model_dir), dtype)
+    from jpaged import sharded_cache
+
     plan = plan_sharding(config, mesh_tp(mesh))
     use_cache = plan.kv_repeats == 1 and jax.process_count() == 1 and sharded_cache.enabled()
     path = sharded_cache.checkpoint_dir(model_dir, dtype) if use_cache else None
@@ -120,6 +126,8 @@ def load_llama_from_dir(
 
 def shard_llama(model: Llama, mesh: Mesh) -> Llama:
     """A prebuilt (unsharded) model re-placed onto `mesh` (goes through host memory)."""
+    from models.llama import llama_to_hf_tensors
+
     dtype = model.embed[...].dtype
     return load_llama(model.config, llama_to_hf_tensors(model).items(), dtype, mesh)
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -113,7 +116,22 @@ def test_engine_from_an_entry_matches_packing_the_checkpoint(
         raise AssertionError("a cache hit built the model from the checkpoint")
 
     monkeypatch.setattr(models.llama, "llama_from_hf_tensors", no_model)
-    monkeypatch.setattr("jpaged.engine_setup.llama_from_hf_tensors", no_model)
     second, engine = run("1")  # from the entry
     assert first == plain and second == plain
     assert engine.runner.linear_backend == "cpu"
+
+    # A fresh process started from the entry, chat template included, imports neither Flax
+    # (no Llama module is built) nor transformers (the plain tokenizer.json): ~2 s of start-up.
+    child = (
+        "import sys, jpaged\n"
+        f"llm = jpaged.LLM(model={str(model_dir)!r}, linear_backend='cpu', num_blocks=64)\n"
+        "out = llm.chat([{'role': 'user', 'content': 'Hi'}],\n"
+        "               jpaged.SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)\n"
+        "assert len(out[0].outputs[0].token_ids) == 2\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'flax', 'transformers'}))\n"
+    )
+    env = {**os.environ, "JPAGED_PACKED_CACHE": "1"}
+    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
