@@ -2,11 +2,12 @@
 
 A directory with a `tokenizer.json` whose tokenizer_config.json asks for no model-specific class
 (`PreTrainedTokenizerFast`, as Llama 3, SmolLM and the GGUF import write) loads with the
-`tokenizers` library directly (~0.1 s; transformers' import alone takes ~1.5 s of start-up).
+`tokenizers` library directly (~0.2 s; transformers' import alone takes ~1.5 s of start-up).
 Other directories (sentencepiece-only, tokenizer classes with their own Python logic) load
 through `transformers.AutoTokenizer`, on a thread when asked. Chat templates render with
-jpaged.chat_template either way. tests/test_tokenizer.py checks both paths against
-transformers.
+jpaged.chat_template either way. tests/test_tokenizer_fast.py checks both paths against
+transformers in the same environment, tests/test_tokenizer.py the default model against the
+reference environment's.
 """
 
 from __future__ import annotations
@@ -61,7 +62,6 @@ class _FastTokenizer:
                 self.special_tokens[name] = text
         extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
         self.extra_special = [t for t in (_token_text(x) for x in extra) if t is not None]
-        self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         self.chat_template: str | None = config.get("chat_template")
         # NOTE: add_bos_token / add_eos_token in the config are not applied: transformers
         # (5.x) ignores them for this class too; tokenizer.json's post-processor decides.
@@ -85,11 +85,9 @@ class _FastTokenizer:
         return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
-        # NOTE: transformers ignores clean_up_tokenization_spaces for BPE models (it would eat
-        # real spaces before punctuation); so does this, and WordPiece-style clean-up is not
-        # built: such checkpoints take the transformers path.
-        return text
+        # NOTE: transformers skips clean_up_tokenization_spaces for BPE models; other models
+        # that ask for it take the transformers path (see try_load).
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return [self.backend.id_to_token(i) for i in ids]
