@@ -88,8 +88,8 @@ def render_chat(
     Errors (syntax, `raise_exception`, undefined calls) surface as jinja2's TemplateError."""
     return compile_template(source).render(
         **special_tokens,
-        messages=[dict(m) for m in messages],
-        tools=None if tools is None else [dict(t) for t in tools],
-        documents=None if documents is None else [dict(d) for d in documents],
+        messages=list(messages),
+        tools=tools,
+        documents=documents,
         add_generation_prompt=add_generation_prompt,
     )

@@ -24,6 +24,7 @@ from jpaged.engine_setup import (
 from jpaged.malloc_tuning import tune_malloc
 from jpaged.model_runner import StepSeq, all_step_shapes, verify_step_shapes, verify_tile_size
 from jpaged.outputs import Logprob, RequestMetrics, RequestOutput, logprob_entry
+from jpaged.prompts import PromptType, tokenize_prompt
 from jpaged.request import RequestState, SampleTrack
 from jpaged.sampling_params import SamplingParams
 from jpaged.sampling_tensors import SamplingRow, wants_logprob
@@ -38,8 +39,6 @@ if TYPE_CHECKING:  # models.llama imports Flax; a packed-cache start builds no L
     from models.llama import Llama
 
 logger = logging.getLogger("jpaged")
-
-PromptType = str | list[int] | dict[str, Any]
 
 
 @dataclasses.dataclass(slots=True)
@@ -141,29 +140,7 @@ class LLMEngine:
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Accepts text, token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."}."""
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return self.tokenize_prompt(prompt["prompt"])
-            raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, list | tuple):
-            return None, self._check_ids(prompt)
-        raise ValueError(
-            f"prompt must be a string, token ids or a dict, got {type(prompt).__name__}"
-        )
-
-    def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        vocab = self.model_config.vocab_size
-        ids = list(ids)
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        for t in ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise ValueError(f"prompt_token_ids must be ints in [0, {vocab}), got {t!r}")
-        return ids
+        return tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
 
     def add_request(
         self,
