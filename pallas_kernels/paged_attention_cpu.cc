@@ -16,6 +16,7 @@
 // so every K/V byte of the context is read exactly once per step, straight from the pool.
 
 #include <immintrin.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -24,6 +25,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -222,20 +224,33 @@ inline __m512 sum16x16(const __m512* v) {
 // are vector operations too (D a multiple of 16). Replaces a scalar exp per key and a
 // horizontal sum per dot product, which made the multi-row items of prefill chunks and verify
 // steps compute-bound.
+template <int DV>
 void attend_row16(const float* q, const float* k_rows, const float* v_rows, int64_t row_stride,
-                  int64_t n, int64_t visible, int64_t D, float* acc, float& row_max,
+                  int64_t n, int64_t visible, int64_t d_runtime, float* acc, float& row_max,
                   float& denom) {
+  const int64_t nvec = DV > 0 ? DV : d_runtime / 16;
   alignas(64) float w[16];
+  __m512 qv[DV > 0 ? DV : 1];
+  if constexpr (DV > 0) {
+#pragma GCC unroll 16
+    for (int i = 0; i < DV; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i);
+  }
   for (int64_t t0 = 0; t0 < visible; t0 += 16) {
     const int64_t nk = std::min<int64_t>(16, n - t0);
     const int64_t nv = std::min<int64_t>(16, visible - t0);
     __m512 part[16];
+#pragma GCC unroll 16
     for (int64_t t = 0; t < 16; ++t) {
       __m512 sum = _mm512_setzero_ps();
       if (t < nk) {
         const float* k = k_rows + (t0 + t) * row_stride;
-        for (int64_t d = 0; d < D; d += 16) {
-          sum = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), sum);
+        if constexpr (DV > 0) {
+#pragma GCC unroll 16
+          for (int i = 0; i < DV; ++i) sum = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(k + 16 * i), sum);
+        } else {
+          for (int64_t i = 0; i < nvec; ++i) {
+            sum = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * i), _mm512_loadu_ps(k + 16 * i), sum);
+          }
         }
       }
       part[t] = sum;
@@ -248,19 +263,34 @@ void attend_row16(const float* q, const float* k_rows, const float* v_rows, int6
     if (new_max > row_max) {  // rescale what acc and denom hold so far
       const float rescale = std::exp(row_max - new_max);
       const __m512 rs = _mm512_set1_ps(rescale);
-      for (int64_t d = 0; d < D; d += 16) {
-        _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), rs));
+      for (int64_t i = 0; i < nvec; ++i) {
+        _mm512_storeu_ps(acc + 16 * i, _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * i), rs));
       }
       denom *= rescale;
       row_max = new_max;
     }
     denom += _mm512_reduce_add_ps(e);
-    for (int64_t d = 0; d < D; d += 16) {
-      __m512 a = _mm512_loadu_ps(acc + d);
+    if constexpr (DV > 0) {
+      __m512 a[DV];
+#pragma GCC unroll 16
+      for (int i = 0; i < DV; ++i) a[i] = _mm512_loadu_ps(acc + 16 * i);
       for (int64_t t = 0; t < nv; ++t) {
-        a = _mm512_fmadd_ps(_mm512_set1_ps(w[t]), _mm512_loadu_ps(v_rows + (t0 + t) * row_stride + d), a);
+        const __m512 wt = _mm512_set1_ps(w[t]);
+        const float* v = v_rows + (t0 + t) * row_stride;
+#pragma GCC unroll 16
+        for (int i = 0; i < DV; ++i) a[i] = _mm512_fmadd_ps(wt, _mm512_loadu_ps(v + 16 * i), a[i]);
       }
-      _mm512_storeu_ps(acc + d, a);
+#pragma GCC unroll 16
+      for (int i = 0; i < DV; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
+    } else {
+      for (int64_t i = 0; i < nvec; ++i) {
+        __m512 a = _mm512_loadu_ps(acc + 16 * i);
+        for (int64_t t = 0; t < nv; ++t) {
+          a = _mm512_fmadd_ps(_mm512_set1_ps(w[t]),
+                              _mm512_loadu_ps(v_rows + (t0 + t) * row_stride + 16 * i), a);
+        }
+        _mm512_storeu_ps(acc + 16 * i, a);
+      }
     }
   }
 }
@@ -379,7 +409,9 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
   }
   std::fill(acc, acc + rows * D, 0.0f);
 
-#if defined(JPAGED_ATTEND_AVX2)
+#if defined(__AVX512F__)
+  auto* const row16 = D == 64 ? attend_row16<4> : D == 128 ? attend_row16<8> : attend_row16<0>;
+#elif defined(JPAGED_ATTEND_AVX2)
   auto* const row8 = D == 64 ? attend_row8<8> : D == 128 ? attend_row8<16> : attend_row8<0>;
 #endif
   const int64_t num_pages = max_visible < 0 ? 0 : max_visible / bs + 1;
@@ -420,8 +452,8 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
       if (visible <= 0) continue;
 #if defined(__AVX512F__)
       if (D % 16 == 0) {
-        attend_row16(qf + r * D, k_rows, v_rows, row_stride, n, visible, D, acc + r * D,
-                     row_max[r], denom[r]);
+        row16(qf + r * D, k_rows, v_rows, row_stride, n, visible, D, acc + r * D, row_max[r],
+              denom[r]);
         continue;
       }
 #elif defined(JPAGED_ATTEND_AVX2)
@@ -938,7 +970,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedPagedAttention, PagedAttentionImpl,
 // A result XLA allocates and nothing writes: the KV pool at start-up, so its 4 GiB are not
 // zeroed page by page (a slot is always written before a context covers it; the kernel never
 // reads a slot past a context).
-static ffi::Error UninitializedImpl(ffi::Result<ffi::AnyBuffer>) { return ffi::Error::Success(); }
+// The pool's pages are first touched as the engine writes K/V, during serving; asking for
+// transparent huge pages makes that one fault (and one 2 MiB clear) per 512 pages, not a
+// fault per 4 KiB page (where THP is `madvise`; elsewhere a no-op). JPAGED_POOL_THP=0 skips it.
+static ffi::Error UninitializedImpl(ffi::Result<ffi::AnyBuffer> pool) {
+  const char* env = std::getenv("JPAGED_POOL_THP");
+  if (env != nullptr && env[0] == '0') return ffi::Error::Success();
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(pool->untyped_data());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + pool->size_bytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  return ffi::Error::Success();
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedUninitialized, UninitializedImpl,
                               ffi::Ffi::Bind().Ret<ffi::AnyBuffer>());
