@@ -28,7 +28,7 @@ def add_jpaged_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--warmup", default="decode", choices=["none", "decode", "all"])
+    parser.add_argument("--warmup", default="prefill", choices=["none", "decode", "prefill", "all"])
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "xla"])
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--linear-backend", default="auto", choices=["auto", "cpu", "xla"])

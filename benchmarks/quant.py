@@ -110,7 +110,7 @@ def main() -> None:
     )
     parser.add_argument("--agreement-requests", type=int, default=8, help="0: skip")
     parser.add_argument("--group-size", type=int, default=None)
-    parser.add_argument("--warmup", default="decode", choices=["none", "decode", "all"])
+    parser.add_argument("--warmup", default="decode", choices=["none", "decode", "prefill", "all"])
     args = parser.parse_args()
     methods = args.methods.split(",")
     if methods[0] != "f32":

@@ -15,6 +15,9 @@ _KV_DTYPES = {**_DTYPES, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
               "fp8_e5m2": "float8_e5m2"}  # fmt: skip
 
 
+WARMUP_CHOICES = ("none", "decode", "prefill", "all")
+
+
 @dataclasses.dataclass(slots=True)
 class EngineConfig:
     """Everything the engine needs besides the model weights.
@@ -37,7 +40,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | cpu | xla | pallas
     quantization: str | None = None  # None (the checkpoint's own) | int8 | awq | gptq
     seed: int = 0
-    warmup: str = "none"  # none | decode | all: step shapes compiled at start (the server: decode)
+    warmup: str = (
+        "none"  # none | decode | prefill | all: step shapes compiled at start (server: decode)
+    )
     enable_compile_cache: bool = True
     # layers unrolled over per-layer weight arrays (faster steps, longer compiles) instead of
     # a lax.scan over stacked weights, whose slices XLA copies every step
@@ -94,7 +99,7 @@ class EngineConfig:
         )
         check(self.quantization in (None, "int8", "awq", "gptq"), "quantization",
               "must be None, int8, awq or gptq")  # fmt: skip
-        check(self.warmup in ("none", "decode", "all"), "warmup", "must be none, decode or all")
+        check(self.warmup in WARMUP_CHOICES, "warmup", "must be none, decode, prefill or all")
         check(self.linear_backend in ("auto", "cpu", "xla"), "linear_backend",
               "must be auto, cpu or xla")  # fmt: skip
         check(

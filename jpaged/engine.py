@@ -22,7 +22,13 @@ from jpaged.engine_setup import (
     tp_mesh,
 )
 from jpaged.malloc_tuning import tune_malloc
-from jpaged.model_runner import StepSeq, all_step_shapes, verify_step_shapes, verify_tile_size
+from jpaged.model_runner import (
+    StepSeq,
+    all_step_shapes,
+    burst_prefill_shapes,
+    verify_step_shapes,
+    verify_tile_size,
+)
 from jpaged.outputs import Logprob, RequestMetrics, RequestOutput, logprob_entry
 from jpaged.prompts import PromptType, tokenize_prompt
 from jpaged.request import RequestState, SampleTrack
@@ -125,13 +131,19 @@ class LLMEngine:
         self.warmup(config.warmup)
 
     def warmup(self, which: str) -> None:
-        """Compile the step shapes `which` names: none, decode or all."""
+        """Compile the step shapes `which` names: none, decode, prefill or all.
+
+        decode: pure decode steps and speculative decoding's verify steps; prefill: those and
+        the steps a burst of prompts fills (a full or half token budget in prefill tiles).
+        """
         if which != "none":
             args = (self.config.max_num_seqs, self.max_num_batched_tokens)
             shapes = all_step_shapes(*args, self.num_speculative_tokens)
-            if which == "decode":  # with the verify steps of speculative decoding
-                verify = verify_step_shapes(*args, self.num_speculative_tokens)
-                shapes = [s for s in shapes if s.tile_size == 1] + verify
+            if which in ("decode", "prefill"):
+                picked = [s for s in shapes if s.tile_size == 1]
+                if which == "prefill":
+                    picked += [s for s in shapes if s in burst_prefill_shapes(*args)]
+                shapes = picked + verify_step_shapes(*args, self.num_speculative_tokens)
             self.stats.warmup_time_s = self.runner.warmup(shapes)
             logger.info("compiled %d step shapes in %.2fs", len(shapes), self.stats.warmup_time_s)
         self._update_stats()

@@ -132,6 +132,18 @@ def all_step_shapes(
     return sorted(shapes, key=lambda s: (s.num_tokens, s.tile_size, s.num_tiles))
 
 
+def burst_prefill_shapes(max_num_seqs: int, max_num_batched_tokens: int) -> set[StepShape]:
+    """The prefill shapes a burst of prompts takes: a full or half token budget (T) in
+    PREFILL_TILE-slot tiles, one or two tiles per PREFILL_TILE tokens of the full budget
+    (short prompts and chunk ends leave tiles part empty). Measured on W: its 5 prefill steps
+    are (2048, 128 tiles) x 4 and (1024, 128 tiles). Not all of them are valid shapes: callers
+    intersect with all_step_shapes."""
+    full = bucket(max_num_batched_tokens, MIN_TOKEN_BUCKET)
+    tiles = [bucket(-(-full // PREFILL_TILE)) * f for f in (1, 2)]
+    tiles = [g for g in tiles if g <= bucket(max_num_seqs + full // PREFILL_TILE)]
+    return {StepShape(t, g, PREFILL_TILE, g) for t in (full, full // 2) for g in tiles}
+
+
 def verify_step_shapes(
     max_num_seqs: int, max_num_batched_tokens: int, num_speculative_tokens: int
 ) -> list[StepShape]:

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Jinja chat template, a file path or the template text (default: the model's)")  # fmt: skip
     add("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
         help="requests allowed to wait for a batch slot; beyond it requests get HTTP 429")  # fmt: skip
-    add("--warmup", default="decode", choices=["none", "decode", "all"],
+    add("--warmup", default="decode", choices=["none", "decode", "prefill", "all"],
         help="step shapes compiled at start-up (the rest compile on first use)")  # fmt: skip
     add("--shutdown-timeout", type=float, default=30.0,
         help="on SIGTERM, seconds in-flight requests may run before they are aborted")  # fmt: skip

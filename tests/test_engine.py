@@ -92,6 +92,22 @@ def test_compilations_bounded_and_none_after_warmup(tiny_model, tokenizer):
     assert engine.runner.num_compilations == after_warmup
 
 
+def test_prefill_warmup_covers_a_burst_of_full_budget_prompts(tiny_model, tokenizer):
+    """warmup="prefill": a burst of prompts that fills whole token budgets compiles nothing
+    new; with warmup="decode" the same burst compiles its prefill shapes on first use."""
+    prompts = [[100 + i] * 64 for i in range(2)]  # steps of 64 prompt tokens, then decodes
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=3)
+    compiled = {}
+    for warmup in ("decode", "prefill"):
+        llm = make_llm(tiny_model, tokenizer, max_num_seqs=4, max_num_batched_tokens=64,
+                       warmup=warmup)  # fmt: skip
+        before = llm.engine.runner.num_compilations
+        llm.generate(prompts, params, use_tqdm=False)
+        compiled[warmup] = llm.engine.runner.num_compilations - before
+    assert compiled["decode"] > 0
+    assert compiled["prefill"] == 0
+
+
 def test_prompt_too_long_is_rejected(tiny_model, tokenizer):
     llm = make_llm(tiny_model, tokenizer, max_model_len=64)
     with pytest.raises(ValueError, match="70 tokens but max_model_len is 64"):
