@@ -8,8 +8,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -32,11 +34,22 @@ inline uint16_t f32_to_bf16(float f) {
 // once on the pool's own threads, and if each waited for tasks queued behind the other, both
 // would wait forever. So the caller never waits for a task that has not started; it runs the
 // unclaimed indices itself and waits only for those already running.
+// How long the caller spins for running tasks before it sleeps on the condition variable: a
+// step makes ~180 of these calls, and a futex sleep and wake-up costs tens of microseconds in
+// a VM. JPAGED_SPIN_US overrides it (0: sleep at once).
+inline int64_t spin_limit_ns() {
+  static const int64_t limit = [] {
+    const char* env = std::getenv("JPAGED_SPIN_US");
+    return (env != nullptr ? std::atoll(env) : 100) * 1000;
+  }();
+  return limit;
+}
+
 template <typename Work>
 void run_workers(xla::ffi::ThreadPool& thread_pool, int64_t max_workers, Work work) {
   struct State {
     std::atomic<int64_t> next{0};
-    int64_t done = 0;
+    std::atomic<int64_t> done{0};
     std::mutex mu;
     std::condition_variable cv;
   };
@@ -53,16 +66,26 @@ void run_workers(xla::ffi::ThreadPool& thread_pool, int64_t max_workers, Work wo
       ++ran;
     }
     if (ran == 0) return;
-    std::lock_guard<std::mutex> lock(s.mu);
-    s.done += ran;
-    if (s.done == num_workers) s.cv.notify_all();
+    if (s.done.fetch_add(ran) + ran == num_workers) {
+      std::lock_guard<std::mutex> lock(s.mu);  // the waiter checks done under this lock
+      s.cv.notify_all();
+    }
   };
   for (int64_t w = 1; w < num_workers; ++w) {
     thread_pool.Schedule([state, &work, drain]() { drain(*state, work); });
   }
   drain(*state, work);
+  if (state->done.load() == num_workers) return;
+  const int64_t limit = spin_limit_ns();
+  if (limit > 0) {  // every index is claimed: the rest are running and end soon
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 1; state->done.load(std::memory_order_acquire) != num_workers; ++i) {
+      _mm_pause();
+      if (i % 64 == 0 && std::chrono::steady_clock::now() - t0 > std::chrono::nanoseconds(limit)) break;
+    }
+  }
   std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&state, num_workers] { return state->done == num_workers; });
+  state->cv.wait(lock, [&state, num_workers] { return state->done.load() == num_workers; });
 }
 
 // 2^f for f in [-0.5, 0.5]: degree-6 polynomial coefficients, highest first (relative error
