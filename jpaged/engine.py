@@ -22,13 +22,7 @@ from jpaged.engine_setup import (
     tp_mesh,
 )
 from jpaged.malloc_tuning import tune_malloc
-from jpaged.model_runner import (
-    StepSeq,
-    all_step_shapes,
-    burst_prefill_shapes,
-    verify_step_shapes,
-    verify_tile_size,
-)
+from jpaged.model_runner import StepSeq
 from jpaged.outputs import Logprob, RequestMetrics, RequestOutput, logprob_entry
 from jpaged.prompts import PromptType, tokenize_prompt
 from jpaged.request import RequestState, SampleTrack
@@ -38,6 +32,12 @@ from jpaged.scheduler import Scheduler
 from jpaged.sequence import Sequence as Seq
 from jpaged.sequence import next_seq_id
 from jpaged.speculative import NgramProposer, propose_drafts, speculates, step_tokens
+from jpaged.step_shapes import (
+    all_step_shapes,
+    burst_prefill_shapes,
+    verify_step_shapes,
+    verify_tile_size,
+)
 from jpaged.tokenizer import Tokenizer
 from models.config import LlamaConfig
 

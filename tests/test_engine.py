@@ -81,7 +81,7 @@ def test_chunked_prefill_keeps_outputs(tiny_model, tokenizer, one_at_a_time):
 
 
 def test_compilations_bounded_and_none_after_warmup(tiny_model, tokenizer):
-    from jpaged.model_runner import all_step_shapes
+    from jpaged.step_shapes import all_step_shapes
 
     prompts, params = workload(12)
     llm = make_llm(tiny_model, tokenizer, max_num_seqs=4, max_num_batched_tokens=32, warmup="all")

@@ -10,8 +10,9 @@ import pytest
 
 from jpaged.config import EngineConfig
 from jpaged.kv_pool import allocate_kv_pool
-from jpaged.model_runner import ModelRunner, StepSeq, step_shape
+from jpaged.model_runner import ModelRunner, StepSeq
 from jpaged.paths import kernels_cache_dir
+from jpaged.step_shapes import step_shape
 from models.config import tiny_llama_config
 from models.llama import llama_forward, llama_from_hf_tensors
 from models.rope import apply_rope, rope_tables

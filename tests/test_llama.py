@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from jpaged.kv_pool import allocate_kv_pool
-from jpaged.model_runner import ModelRunner, StepSeq, step_shape
+from jpaged.model_runner import ModelRunner, StepSeq
+from jpaged.step_shapes import step_shape
 from jpaged.weights import iter_safetensors, load_config
 from models.config import tiny_llama_config
 from models.llama import Llama, llama_from_hf_tensors, llama_to_hf_tensors

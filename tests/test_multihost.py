@@ -49,8 +49,9 @@ def test_distributed_options_from_env_and_errors(monkeypatch):
 
 def test_step_stream_round_trip():
     """What the follower decodes is exactly what process 0 sent (every leaf, dtype, shape)."""
-    from jpaged.model_runner import ModelRunner, StepSeq, step_shape
+    from jpaged.model_runner import ModelRunner, StepSeq
     from jpaged.sampling_tensors import SamplingRow
+    from jpaged.step_shapes import step_shape
 
     seqs = [StepSeq([5, 6, 7], 0, [1]), StepSeq([9], 4, [2, 3])]
     shape = step_shape(seqs, 2)

@@ -7,11 +7,12 @@ import pytest
 
 from jpaged.config import EngineConfig
 from jpaged.llm import LLM
-from jpaged.model_runner import StepSeq, step_shape, verify_step_shapes, verify_tile_size
+from jpaged.model_runner import StepSeq
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Sequence, next_seq_id
 from jpaged.speculative import NgramProposer, SpeculativeConfig, num_accepted, speculates
+from jpaged.step_shapes import step_shape, verify_step_shapes, verify_tile_size
 from jpaged.tokenizer import Tokenizer
 from tests.test_engine import make_llm
 from tests.util import tiny_random_llama
@@ -251,7 +252,7 @@ def test_speculation_with_stops_and_other_requests(tiny_model, tokenizer):
 
 
 def test_speculation_warmup_compiles_every_verify_shape(tiny_model, tokenizer):
-    from jpaged.model_runner import all_step_shapes
+    from jpaged.step_shapes import all_step_shapes
 
     prompts, params = repetitive_workload(8, seed=2)
     llm = make_llm(tiny_model, tokenizer, speculative_config=NGRAM, max_num_seqs=8,
