@@ -40,9 +40,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | cpu | xla | pallas
     quantization: str | None = None  # None (the checkpoint's own) | int8 | awq | gptq
     seed: int = 0
-    warmup: str = (
-        "none"  # none | decode | prefill | all: step shapes compiled at start (server: decode)
-    )
+    warmup: str = "none"  # none | decode | prefill | all: compiled at start (LLMEngine.warmup)
     enable_compile_cache: bool = True
     # layers unrolled over per-layer weight arrays (faster steps, longer compiles) instead of
     # a lax.scan over stacked weights, whose slices XLA copies every step

@@ -142,7 +142,8 @@ class LLMEngine:
             if which in ("decode", "prefill"):
                 picked = [s for s in shapes if s.tile_size == 1]
                 if which == "prefill":
-                    picked += [s for s in shapes if s in burst_prefill_shapes(*args)]
+                    burst = burst_prefill_shapes(*args)
+                    picked += [s for s in shapes if s in burst]
                 shapes = picked + verify_step_shapes(*args, self.num_speculative_tokens)
             self.stats.warmup_time_s = self.runner.warmup(shapes)
             logger.info("compiled %d step shapes in %.2fs", len(shapes), self.stats.warmup_time_s)
