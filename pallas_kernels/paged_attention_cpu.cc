@@ -223,7 +223,8 @@ inline __m512 sum16x16(const __m512* v) {
 // time: 16 partial dot products reduce into one vector of scores, so the max, exp and sum
 // are vector operations too (D a multiple of 16). Replaces a scalar exp per key and a
 // horizontal sum per dot product, which made the multi-row items of prefill chunks and verify
-// steps compute-bound.
+// steps compute-bound. DV = D / 16 when it is a compile-time constant (D = 64, 128: q held in
+// registers, the d loops unrolled), else 0 and D at run time; both give the same bits.
 template <int DV>
 void attend_row16(const float* q, const float* k_rows, const float* v_rows, int64_t row_stride,
                   int64_t n, int64_t visible, int64_t d_runtime, float* acc, float& row_max,
