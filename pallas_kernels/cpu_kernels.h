@@ -28,15 +28,9 @@ inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
 }
 
-// Runs work(w) for every w in [0, num_workers), num_workers = min(pool threads, max_workers),
-// and returns when all have finished. The calling thread claims worker indices too, and a pool
-// task that starts after every index is taken does nothing: XLA may run two custom calls at
-// once on the pool's own threads, and if each waited for tasks queued behind the other, both
-// would wait forever. So the caller never waits for a task that has not started; it runs the
-// unclaimed indices itself and waits only for those already running.
-// How long the caller spins for running tasks before it sleeps on the condition variable: a
-// step makes ~180 of these calls, and a futex sleep and wake-up costs tens of microseconds in
-// a VM. JPAGED_SPIN_US overrides it (0: sleep at once).
+// How long run_workers' caller spins for running tasks before it sleeps on its condition
+// variable: a step makes ~180 of these calls, and a futex sleep and wake-up costs tens of
+// microseconds in a VM. JPAGED_SPIN_US overrides it (0: sleep at once).
 inline int64_t spin_limit_ns() {
   static const int64_t limit = [] {
     const char* env = std::getenv("JPAGED_SPIN_US");
@@ -45,6 +39,12 @@ inline int64_t spin_limit_ns() {
   return limit;
 }
 
+// Runs work(w) for every w in [0, num_workers), num_workers = min(pool threads, max_workers),
+// and returns when all have finished. The calling thread claims worker indices too, and a pool
+// task that starts after every index is taken does nothing: XLA may run two custom calls at
+// once on the pool's own threads, and if each waited for tasks queued behind the other, both
+// would wait forever. So the caller never waits for a task that has not started; it runs the
+// unclaimed indices itself and waits only for those already running.
 template <typename Work>
 void run_workers(xla::ffi::ThreadPool& thread_pool, int64_t max_workers, Work work) {
   struct State {
