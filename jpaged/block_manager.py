@@ -57,6 +57,7 @@ class BlockManager:
         self.num_query_tokens = 0  # prefix-cache lookups, in tokens (cumulative)
         self.num_hit_tokens = 0  # tokens found cached (cumulative)
         self.peak_used_blocks = 0
+        self.high_water = 0  # the highest block id ever taken (never-used blocks go in id order)
 
     # -- counters --------------------------------------------------------------------------
     @property
@@ -133,6 +134,7 @@ class BlockManager:
     def _take(self) -> int:
         """Pop the least recently used free block (evicting its hash), ref_count 1."""
         block_id, _ = self._free.popitem(last=False)
+        self.high_water = max(self.high_water, block_id)
         block = self.blocks[block_id]
         if block.hash is not None:
             del self._cached[block.hash]

@@ -19,6 +19,7 @@ from jpaged.engine_setup import (
     enable_compile_cache,
     load_engine_model,
     prebuild_cpu_kernels,
+    start_pool_prefault,
     tp_mesh,
 )
 from jpaged.malloc_tuning import tune_malloc
@@ -106,6 +107,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching,
         )
+        self._prefaulter = start_pool_prefault(self.runner)
         self.eos_token_ids = frozenset(mc.eos_token_ids) | (
             {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         )
@@ -273,6 +275,16 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns the (cumulative) output of every request it touched."""
+        prefaulter = self._prefaulter
+        if prefaulter is None:
+            return self._step()
+        prefaulter.step_started()  # it faults in pool pages only while no step runs
+        try:
+            return self._step()
+        finally:
+            prefaulter.step_ended(self.scheduler.block_manager.high_water)
+
+    def _step(self) -> list[RequestOutput]:
         if self.proposer is not None:
             propose_drafts(self.proposer, self.scheduler, self._draft_limit)
         out = self.scheduler.schedule()

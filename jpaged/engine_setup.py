@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,9 @@ from jpaged.kv_pool import (
     kv_bytes_per_block,
     num_blocks_for_budget,
 )
+from jpaged.malloc_tuning import tune_malloc
 from jpaged.model_runner import ModelRunner
+from jpaged.pool_prefault import PoolPrefaulter, lead_bytes_from_env
 from jpaged.sharded_model import (
     bytes_per_device,
     kv_pool_sharding,
@@ -215,3 +218,23 @@ def build_runner(
         config=mc,
     )
     return runner, num_blocks
+
+
+def start_pool_prefault(runner: ModelRunner) -> PoolPrefaulter | None:
+    """The pool's prefault thread (jpaged/pool_prefault.py), stopped before the runner goes.
+
+    Only for the uninitialized pool (the `cpu` backend on one device) and where freed memory
+    stays mapped (malloc tuning applied: the thread holds a raw pointer into the pool);
+    None elsewhere and with JPAGED_POOL_PREFAULT_MIB=0.
+    """
+    lead = lead_bytes_from_env()
+    if lead == 0 or runner.attention_backend != "cpu" or runner.mesh is not None:
+        return None
+    from pallas_kernels import paged_attention_cpu
+
+    prefault = paged_attention_cpu.prefault_function()
+    if prefault is None or not tune_malloc():
+        return None
+    prefaulter = PoolPrefaulter(runner.kv_pool, lead, prefault)
+    weakref.finalize(runner, prefaulter.close)
+    return prefaulter

@@ -149,6 +149,11 @@ def load_kernel(source: Path, targets: dict[str, str], build_dir: Path) -> bool:
         return lib is not None
 
 
+def loaded_library(source: Path) -> ctypes.CDLL | None:
+    """The library `load_kernel(source, ...)` loaded in this process, or None."""
+    return _loaded.get(str(source))
+
+
 def is_loaded(source: Path) -> bool:
     """Whether `load_kernel(source, ...)` has succeeded in this process."""
     return _loaded.get(str(source)) is not None

@@ -987,3 +987,18 @@ static ffi::Error UninitializedImpl(ffi::Result<ffi::AnyBuffer> pool) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedUninitialized, UninitializedImpl,
                               ffi::Ffi::Bind().Ret<ffi::AnyBuffer>());
+
+// Faults in the pages of [p, p + n) for writing without changing a byte, so the engine's
+// first K/V writes into them do not pay the page faults (and, in a VM, the host backing the
+// memory). Each 4 KiB page gets one locked add of 0: atomic against the engine's own
+// stores, so it may run on the pool while steps write it. The pool's prefault thread
+// (jpaged/pool_prefault.py) calls it a few MiB at a time.
+extern "C" void jpaged_prefault(void* p, size_t n) {
+  constexpr uintptr_t kPage = 4096;
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + n;
+  uintptr_t addr = (reinterpret_cast<uintptr_t>(p) + 7) & ~uintptr_t{7};
+  while (addr + 8 <= end) {
+    asm volatile("lock addq $0, %0" : "+m"(*reinterpret_cast<uint64_t*>(addr)) : : "memory");
+    addr = (addr & ~(kPage - 1)) + kPage;
+  }
+}

@@ -15,14 +15,16 @@ says whether that worked; the engine falls back to the `xla` backend when it did
 
 from __future__ import annotations
 
+import ctypes
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.cpu_build import is_loaded, load_kernel
+from pallas_kernels.cpu_build import is_loaded, load_kernel, loaded_library
 from pallas_kernels.paged_attention_xla import check_attention_args
 
 SOURCE = Path(__file__).with_name("paged_attention_cpu.cc")
@@ -51,6 +53,17 @@ def uninitialized(shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
         raise RuntimeError("the cpu attention kernel is not loaded: call load(build_dir) first")
     call = jax.ffi.ffi_call(_UNINITIALIZED, jax.ShapeDtypeStruct(tuple(shape), dtype))
     return jax.jit(call)()
+
+
+def prefault_function() -> Callable[[int, int], None] | None:
+    """The kernel library's `prefault(address, nbytes)`: faults in every page of the range for
+    writing, changing no byte (safe on a pool steps are writing); None if not loaded."""
+    lib = loaded_library(SOURCE)
+    if lib is None:
+        return None
+    fn = lib.jpaged_prefault
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t], None
+    return fn
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "pages_per_tile"))
