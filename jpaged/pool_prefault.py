@@ -11,22 +11,20 @@ blocks go out in ascending id order, see block_manager), up to `lead_bytes` past
 block id taken so far, while the engine runs no steps: during start-up and whenever the
 engine has been idle for IDLE_S. It pauses while steps run: SCHED_IDLE does not hide its
 faults' host stalls from a busy engine (bf16 W + n-gram: 13.1-13.3 s with it faulting
-alongside, 11.1-11.5 s with it paused, the first 2914 blocks faulted in before W both ways). Each page gets a locked add of 0
-(pallas_kernels.paged_attention_cpu.prefault_function): no byte changes, so it may race the
-steps writing the pool. JPAGED_POOL_PREFAULT_MIB sets the lead (default 1024; 0: no thread).
+alongside, 11.1-11.5 s with it paused, the first 2914 blocks faulted in before W both ways).
+Each page gets a locked add of 0 (pallas_kernels.paged_attention_cpu.prefault_function): no
+byte changes, so it may race the steps writing the pool. JPAGED_POOL_PREFAULT_MIB sets the
+lead (default 1024; 0: no thread).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 
 import jax
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_LEAD_MIB = 1024
 CHUNK_BYTES = 2 << 20  # per call and layer: one transparent huge page
