@@ -153,10 +153,7 @@ def _packed_weights(c: LlamaConfig, model_dir: Path, dtype: jnp.dtype) -> Engine
         return EngineWeights(c, None, packed)
     model = load_llama(c, iter_safetensors(model_dir), dtype)
     packed = pack_linear_params(model.config, model.params())
-    try:
-        packed_cache.save(packed, path)
-    except OSError as exc:  # a read-only or full disk costs the next start, not this one
-        logger.warning("could not save the packed weights cache %s: %s", path, exc)
+    packed_cache.save_in_background(packed, path)
     return EngineWeights(model.config, None, packed)
 
 

@@ -107,7 +107,8 @@ def test_engine_from_an_entry_matches_packing_the_checkpoint(
     plain, _ = run("0")
     entry = packed_cache.entry_dir(model_dir, jnp.float32)
     assert not entry.exists()  # off: nothing written
-    first, _ = run("1")  # packs the checkpoint and saves the entry
+    first, _ = run("1")  # packs the checkpoint and saves the entry (from a thread)
+    packed_cache.wait_for_saves()
     assert (entry / "manifest.json").is_file()
 
     import models.llama
