@@ -275,14 +275,10 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns the (cumulative) output of every request it touched."""
-        prefaulter = self._prefaulter
-        if prefaulter is None:
+        if self._prefaulter is None:
             return self._step()
-        prefaulter.step_started()  # it faults in pool pages only while no step runs
-        try:
+        with self._prefaulter.during_step(self.scheduler.block_manager):  # it pauses
             return self._step()
-        finally:
-            prefaulter.step_ended(self.scheduler.block_manager.high_water)
 
     def _step(self) -> list[RequestOutput]:
         if self.proposer is not None:

@@ -19,12 +19,17 @@ lead (default 1024; 0: no thread).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import jax
+
+if TYPE_CHECKING:
+    from jpaged.block_manager import BlockManager
 
 DEFAULT_LEAD_MIB = 1024
 CHUNK_BYTES = 2 << 20  # per call and layer: one transparent huge page
@@ -47,8 +52,8 @@ def lead_bytes_from_env() -> int:
 class PoolPrefaulter:
     """Touches pool blocks [1, done_blocks) ahead of `demand` (the highest block id taken).
 
-    The engine brackets every step with `step_started` and `step_ended`, and calls `close()`
-    before the pool's memory goes (from a finalizer on the runner).
+    The engine runs every step inside `during_step` and calls `close()` before the pool's
+    memory goes (from a finalizer on the runner).
     """
 
     def __init__(
@@ -78,6 +83,15 @@ class PoolPrefaulter:
         self.demand = high_water
         self._last_step = time.monotonic()
         self._in_step = False
+
+    @contextlib.contextmanager
+    def during_step(self, block_manager: BlockManager) -> Iterator[None]:
+        """Bracket one engine step; at its end, demand = the block manager's high water."""
+        self.step_started()
+        try:
+            yield
+        finally:
+            self.step_ended(block_manager.high_water)
 
     def engine_idle(self) -> bool:
         return not self._in_step and time.monotonic() - self._last_step >= IDLE_S
