@@ -6,8 +6,8 @@ models.packed_linears.pack_linear_params): on the default model that was about h
 warm start. The first single-device start saves the packed params in
 `cache_dir()/packed/<key>`, one raw file per array and a manifest; later starts map the
 files and copy them to the device, with no model built. The key covers the model directory,
-its weight files' sizes and mtimes, the dtype and the source of the packing code, so a change
-to any of them writes a new entry. $JPAGED_PACKED_CACHE=0 turns it off.
+its weight files' sizes and mtimes, the dtype, the f32 layout (`f32_on_amx`) and the source
+of the packing code, so a change to any of them writes a new entry. $JPAGED_PACKED_CACHE=0 turns it off.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 
 from jpaged.paths import cache_dir
 from jpaged.weights import weights_key
+from pallas_kernels.linear_cpu import f32_on_amx
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ def enabled() -> bool:
 def entry_dir(model_dir: Path | str, dtype: Any) -> Path:
     """Where the packed params of `model_dir` in `dtype` live (the entry may not exist yet)."""
     code = [hashlib.sha256((_ROOT / rel).read_bytes()).hexdigest() for rel in _PACKING_SOURCES]
-    key = weights_key(model_dir, str(jnp.dtype(dtype)), f"v{CACHE_VERSION}", *code)
+    layout = "split" if jnp.dtype(dtype) == jnp.float32 and f32_on_amx() else "plain"
+    key = weights_key(model_dir, str(jnp.dtype(dtype)), f"v{CACHE_VERSION}", layout, *code)
     return cache_dir() / "packed" / f"{Path(model_dir).name}-{jnp.dtype(dtype)}-{key}"
 
 

@@ -227,6 +227,74 @@ void panels(const Problem& p, int64_t begin, int64_t end) {
   }
 }
 
+// ---- f32 as bf16 x 6 on AMX ---------------------------------------------------------------
+//
+// An f32 value splits exactly enough into three bf16 terms, v = v0 + v1 + v2 (v0 = bf16(v),
+// v1 = bf16(v - v0), v2 = bf16(v - v0 - v1): 3 x 8 significand bits), so x @ W is the sum of
+// the nine products xi @ Wj. The six with i + j <= 2 are kept (the others are below 2^-24 of
+// |x||w|, f32's own rounding) and summed in the same f32 accumulator tiles, largest first, as
+// XLA's BF16_BF16_F32_X6 dot algorithm (TPUs' f32 matmuls) does: near-f32 results at 6 AMX
+// products each, against one FMA lane each on AVX-512. W holds the three planes of each B
+// tile together, [L, NB, KB, 3, 16, 32]; x is split into A tiles the same way.
+
+constexpr int64_t kGroupRowsX6 = 128;  // x's group is 3x larger: 128 rows stay in L2
+
+// Rows m0 .. m0 + 31 (or + 15) x columns 32 item .. 32 item + 31 of y, f32 out.
+void block_x6(const Problem& p, int64_t item, int64_t m0, bool stream) {
+  alignas(64) float c[2 * kTileRows * 2 * kTileN];
+  constexpr int64_t kStep = 3 * kTileElems;  // one k step: three planes of one tile
+  const uint16_t* b0 = p.w + (2 * item) * p.kb * kStep;
+  const uint16_t* b1 = b0 + p.kb * kStep;
+  const uint16_t* a0 = p.x + m0 * p.kb * 3 * kTileK;
+  const uint16_t* a1 = a0 + p.kb * kStep;
+  const bool two = m0 + kTileRows < p.mp;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < p.kb; ++k) {
+    if (stream && k + 1 < p.kb) {
+      const char* n0 = reinterpret_cast<const char*>(b0 + (k + 1) * kStep);
+      const char* n1 = reinterpret_cast<const char*>(b1 + (k + 1) * kStep);
+      for (int line = 0; line < 48; ++line) {
+        _mm_prefetch(n0 + 64 * line, _MM_HINT_T0);
+        _mm_prefetch(n1 + 64 * line, _MM_HINT_T0);
+      }
+    }
+    for (int j = 0; j < 3; ++j) {  // W's plane j with x's planes 0 .. 2 - j
+      _tile_loadd(6, b0 + k * kStep + j * kTileElems, 64);
+      _tile_loadd(7, b1 + k * kStep + j * kTileElems, 64);
+      for (int i = 0; i + j < 3; ++i) {
+        _tile_loadd(4, a0 + k * kStep + i * kTileElems, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
+          _tile_loadd(5, a1 + k * kStep + i * kTileElems, 64);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+    }
+  }
+  _tile_stored(0, c, 2 * kTileN * sizeof(float));
+  _tile_stored(1, c + kTileN, 2 * kTileN * sizeof(float));
+  if (two) {
+    _tile_stored(2, c + kTileRows * 2 * kTileN, 2 * kTileN * sizeof(float));
+    _tile_stored(3, c + kTileRows * 2 * kTileN + kTileN, 2 * kTileN * sizeof(float));
+  }
+  const int64_t rows = std::min<int64_t>(two ? 2 * kTileRows : kTileRows, p.m - m0);
+  write_rows(p, c, m0, rows, 2 * kTileN * item);
+}
+
+void panels_x6(const Problem& p, int64_t begin, int64_t end) {
+  for (int64_t g0 = 0; g0 < p.mp; g0 += kGroupRowsX6) {
+    const int64_t g1 = std::min(p.mp, g0 + kGroupRowsX6);
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t m0 = g0; m0 < g1; m0 += 2 * kTileRows) block_x6(p, i, m0, m0 == g0);
+    }
+  }
+}
+
 
 #endif  // AMX
 
@@ -492,6 +560,85 @@ ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::Any
   return ffi::Error::Success();
 #else
   return ffi::Error::Internal("linear_amx: built for a CPU without AMX-BF16 or AVX2 + FMA");
+#endif
+}
+
+#if defined(JPAGED_HAVE_AMX)
+// Splits x's first p.m rows into this thread's A tiles, [mp / 16, kb, 3, 16, 32] bf16: plane
+// i of tile (r / 16, c / 32) holds x_i (see block_x6) of rows r, columns c .. c + 31; the
+// padding is 0. Points p.x at them.
+void split_x(ffi::ThreadPool& thread_pool, const float* src, int64_t k, Problem& p) {
+  thread_local std::vector<uint16_t> tiles;
+  tiles.resize(std::max<size_t>(tiles.size(), p.mp * p.kb * 3 * kTileK));
+  uint16_t* packed_x = tiles.data();
+  auto split_rows = [&p, src, k, packed_x](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      uint16_t* row = packed_x + (r / kTileRows) * p.kb * 3 * kTileElems + (r % kTileRows) * kTileK;
+      for (int64_t c = 0; c < p.kb * kTileK; c += kTileK) {
+        const int64_t n = r < p.m ? std::clamp<int64_t>(k - c, 0, kTileK) : 0;
+        const __mmask16 lo = n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
+        const __mmask16 hi = n >= 32 ? 0xffff : n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1);
+        __m512 v[2] = {_mm512_maskz_loadu_ps(lo, src + r * k + c),
+                       _mm512_maskz_loadu_ps(hi, src + r * k + c + 16)};
+        uint16_t* dst = row + (c / kTileK) * 3 * kTileElems;
+        for (int plane = 0; plane < 3; ++plane) {
+          for (int h = 0; h < 2; ++h) {
+            const __m256i b = to_bf16(v[h]);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + plane * kTileElems + 16 * h), b);
+            v[h] = _mm512_sub_ps(v[h], bf16_bits_to_f32(b));  // exact: the remainder
+          }
+        }
+      }
+    }
+  };
+  if (p.mp >= kGroupRowsX6) {
+    parallel_panels(thread_pool, p.mp / kTileRows, [&split_rows](int64_t b, int64_t e) {
+      split_rows(b * kTileRows, e * kTileRows);
+    });
+  } else {
+    split_rows(0, p.mp);
+  }
+  p.x = packed_x;
+}
+#endif
+
+// f32 x [M, K] @ W split into bf16 planes [L, NB, KB, 3, 16, 32] -> f32 [M, N] (block_x6).
+ffi::Error LinearF32AmxImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x,
+                            ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
+                            ffi::Buffer<ffi::S32> rows, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+#if defined(JPAGED_HAVE_AMX)
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto od = out->dimensions();
+  if (w.element_type() != ffi::DataType::BF16 || xd.size() != 2 || wd.size() != 6 ||
+      wd[3] != 3 || wd[4] != 16 || wd[5] != 32 || wd[1] % 2 != 0 || od.size() != 2 ||
+      od[0] != xd[0] || (xd[1] + kTileK - 1) / kTileK != wd[2] || od[1] > wd[1] * kTileN ||
+      od[1] <= (wd[1] - 2) * kTileN) {
+    return ffi::Error::InvalidArgument("linear_f32_amx: bad x / w / out shapes");
+  }
+  const int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= wd[0]) return ffi::Error::InvalidArgument("linear_f32_amx: layer out of range");
+  if (!amx_permitted()) return ffi::Error::Internal("linear_f32_amx: the kernel refused AMX state");
+  Problem p;
+  p.kb = wd[2];
+  p.n = od[1];
+  p.nb = wd[1];
+  p.w = static_cast<const uint16_t*>(w.untyped_data()) + l * p.nb * p.kb * 3 * kTileElems;
+  p.out_f32 = true;
+  p.swiglu = false;
+  p.out = out->typed_data();
+  p.m = live_rows(rows, xd[0], p.n, sizeof(float), p.out);
+  p.mp = (p.m + kTileRows - 1) / kTileRows * kTileRows;
+  if (p.m == 0) return ffi::Error::Success();
+  split_x(thread_pool, x.typed_data(), xd[1], p);
+  parallel_panels(thread_pool, p.nb / 2, [&p](int64_t begin, int64_t end) {
+    configure_tiles();
+    panels_x6(p, begin, end);
+    _tile_release();
+  });
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal("linear_f32_amx: built for a CPU without AMX-BF16");
 #endif
 }
 
@@ -854,6 +1001,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearF32, LinearF32Impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()    // x [M, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // w [L, NP, K, 32]
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // rows of x to compute
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedLinearF32Amx, LinearF32AmxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [M, K]
+                                  .Arg<ffi::AnyBuffer>()           // w [L, NB, KB, 3, 16, 32] bf16
                                   .Arg<ffi::Buffer<ffi::S32>>()    // layer
                                   .Arg<ffi::Buffer<ffi::S32>>()    // rows of x to compute
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out [M, N]

@@ -7,6 +7,9 @@ index (`linear_cpu.cc`):
 
 - float32: FMA, panels of 32 columns ([L, N/32, K, 32]); 14 x 32 register blocks on
   AVX-512, 6 x 16 on AVX2.
+- float32 on AMX (`f32_on_amx`, the default where the CPU has AMX-BF16): each f32 value
+  split into three bf16 terms and six of the nine products summed in f32 (XLA's
+  BF16_BF16_F32_X6 algorithm, TPUs' f32 matmul), [L, NB, KB, 3, 16, 32] (`pack_split`).
 - bfloat16: Intel AMX tiles ([L, NB, KB, 16, 32], TDPBF16PS: bf16 products, f32 sums); on
   CPUs without AMX (AMD Zen 2 / 3, older Intel) the same tiles widened to f32 on AVX2 FMA
   (linear_avx2.h): f32 sums of the same exact products, in another order.
@@ -26,6 +29,7 @@ a small product checked out; callers keep plain `x @ w` otherwise.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import jax
@@ -40,6 +44,7 @@ _TARGETS = {
     "jpaged_linear_amx_swiglu": "JpagedLinearAmxSwiglu",
     "jpaged_linear_amx_argmax": "JpagedLinearAmxArgmax",
     "jpaged_linear_f32": "JpagedLinearF32",
+    "jpaged_linear_f32_amx": "JpagedLinearF32Amx",
     "jpaged_silu_mul": "JpagedSiluMul",
     "jpaged_rope_qkv": "JpagedRopeQkv",
     "jpaged_head_argmax": "JpagedHeadArgmax",
@@ -58,6 +63,35 @@ def cpu_supports(dtype: str) -> bool:
 def has_amx() -> bool:
     """Whether the bf16 kernels run on AMX tiles here (and `head_argmax` can run at all)."""
     return {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(cpu_flags().split())
+
+
+def f32_on_amx() -> bool:
+    """Whether f32 linears run as bf16 x 6 on AMX (`pack_split`) rather than on FMA: where the
+    CPU has AMX-BF16, unless $JPAGED_F32_LINEAR is "fma" (any other value but "amx" raises)."""
+    mode = os.environ.get("JPAGED_F32_LINEAR", "amx")
+    if mode not in ("amx", "fma"):
+        raise ValueError(f"JPAGED_F32_LINEAR must be amx or fma, got {mode!r}")
+    return mode == "amx" and has_amx()
+
+
+def split_bf16(w: jax.Array) -> jax.Array:
+    """f32 [...] -> bf16 [3, ...]: w0 = bf16(w), w1 = bf16(w - w0), w2 = bf16(w - w0 - w1), so
+    w0 + w1 + w2 == w for every finite w whose terms stay normal (3 x 8 significand bits)."""
+    planes = []
+    rest = w.astype(jnp.float32)
+    for _ in range(3):
+        planes.append(rest.astype(jnp.bfloat16))
+        rest = rest - planes[-1].astype(jnp.float32)
+    return jnp.stack(planes)
+
+
+def pack_split(w: jax.Array) -> jax.Array:
+    """[..., K, N] f32 weights -> [..., NB, KB, 3, 16, 32] bf16 for the f32-on-AMX kernel: the
+    three `split_bf16` planes of each AMX B tile (`pack`'s bf16 layout) side by side."""
+    if w.dtype != jnp.float32:
+        raise ValueError(f"pack_split takes float32 weights, got {w.dtype}")
+    planes = [pack(plane) for plane in split_bf16(w)]
+    return jnp.stack(planes, axis=-3)
 
 
 def pack(w: jax.Array) -> jax.Array:
@@ -104,7 +138,8 @@ def linear_cpu(
     out_dtype: jnp.dtype | None = None,
     rows: jax.Array | int | None = None,
 ) -> jax.Array:
-    """x [..., K] @ layer `layer` of `packed` (see `pack`) -> [..., n].
+    """x [..., K] @ layer `layer` of `packed` (see `pack`; an f32 x also takes `pack_split`'s
+    bf16 planes) -> [..., n].
 
     out_dtype: x's dtype by default; a bf16 x may also give float32. rows: compute only the
     first `rows` rows of x (flattened to [M, K]; a traced count, so a padded step skips its
@@ -113,6 +148,13 @@ def linear_cpu(
     """
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     k = x.shape[-1]
+    if x.dtype == jnp.float32 and packed.dtype == jnp.bfloat16 and packed.ndim == 6:
+        nb = packed.shape[1]
+        ok = packed.shape[3:] == (3, 16, 32) and -(-k // _TILE_K) == packed.shape[2]
+        if not (ok and (nb - 2) * _TILE_N < n <= nb * _TILE_N and out_dtype == jnp.float32):
+            raise ValueError(f"x [..., {k}] f32 -> n={n} {out_dtype} does not match split "
+                             f"packed {packed.shape}")  # fmt: skip
+        return _call_packed("jpaged_linear_f32_amx", x, packed, layer, n, out_dtype, rows)
     if x.dtype != packed.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"x and packed must both be float32 or bfloat16, got {x.dtype}, "
                          f"{packed.dtype}")  # fmt: skip
