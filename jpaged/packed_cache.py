@@ -7,7 +7,8 @@ warm start. The first single-device start saves the packed params in
 `cache_dir()/packed/<key>`, one raw file per array and a manifest; later starts map the
 files and copy them to the device, with no model built. The key covers the model directory,
 its weight files' sizes and mtimes, the dtype, the f32 layout (`f32_on_amx`) and the source
-of the packing code, so a change to any of them writes a new entry. $JPAGED_PACKED_CACHE=0 turns it off.
+of the packing code, so a change to any of them writes a new entry. $JPAGED_PACKED_CACHE=0
+turns it off.
 """
 
 from __future__ import annotations
