@@ -7,11 +7,21 @@
 // kernel keeps 6 rows x 16 columns of y in 12 ymm accumulators; f32 products and sums, as
 // TDPBF16PS gives, in a different order. The epilogues take a block of up to 6 rows x 32
 // columns (two 16-column tiles), as the AMX ones take 32 x 32.
+//
+// Where the CPU has AVX512-BF16 but no AMX (AMD Zen 4 / 5, Intel Cooper Lake), x stays bf16
+// and VDPBF16PS takes a k pair of 16 columns per instruction, straight from the packed line:
+// a broadcast dword of x (x[k], x[k + 1]) against the line adds both exact products to each
+// column's f32 sum. 12 rows x 32 columns of y in 24 zmm accumulators.
 #pragma once
 
 #if defined(JPAGED_BF16_AVX2)
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define JPAGED_BF16_DPBF16 1
+constexpr int64_t kRowsAvx2 = 12;    // rows of y per micro block (VDPBF16PS: both tiles)
+#else
 constexpr int64_t kRowsAvx2 = 6;     // rows of y per micro block
+#endif
 constexpr int64_t kGroupAvx2 = 96;   // rows of x (f32, K <= 1536: 576 KB) per group
 
 using jpaged::bf16_8_to_f32;
@@ -39,6 +49,62 @@ inline __m128i to_bf16_8(__m256 v) {
 
 inline __m256 round_bf16_8(__m256 v) { return bf16_8_to_f32(to_bf16_8(v)); }
 
+#if defined(JPAGED_BF16_DPBF16)
+// Copies x's first p.m rows into this thread's buffer, [m, 32 kb] bf16 zero padded, and
+// points p.x at it (each k pair one aligned dword).
+inline void widen_x(const uint16_t* src, int64_t k, Problem& p) {
+  const int64_t kp = p.kb * kTileK;
+  thread_local std::vector<uint16_t> buf;
+  buf.resize(std::max<size_t>(buf.size(), p.m * kp));
+  for (int64_t r = 0; r < p.m; ++r) {
+    std::memcpy(buf.data() + r * kp, src + r * k, k * 2);
+    std::memset(buf.data() + r * kp + k, 0, (kp - k) * 2);
+  }
+  p.x = buf.data();
+}
+
+// Rows m0 .. m0 + MR - 1 of y x the 32 columns of B tile columns nb and nb + 1, into c (row
+// stride 32).
+template <int MR>
+void micro_dp(const Problem& p, int64_t m0, int64_t nb, float* c) {
+  __m512 acc[MR][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const int64_t kp = p.kb * kTileK;
+  const __m512i* b0 = reinterpret_cast<const __m512i*>(p.w + nb * p.kb * kTileElems);
+  const __m512i* b1 = b0 + p.kb * kTileElems / 32;
+  const uint32_t* a = reinterpret_cast<const uint32_t*>(p.x + m0 * kp);
+  for (int64_t t = 0; t < kp / 2; ++t) {  // k pairs: one line of 16 dwords per tile
+    const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b0 + t));
+    const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b1 + t));
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh ar =
+          reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[r * kp / 2 + t])));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], ar, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ar, w1);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(c + r * 2 * kTileN, acc[r][0]);
+    _mm512_storeu_ps(c + r * 2 * kTileN + kTileN, acc[r][1]);
+  }
+}
+
+void rows_dp(const Problem& p, int64_t m0, int64_t rows, int64_t nb, float* c) {
+  switch (rows) {
+#define JPAGED_ROWS(R) \
+  case R:              \
+    return micro_dp<R>(p, m0, nb, c);
+    JPAGED_ROWS(1) JPAGED_ROWS(2) JPAGED_ROWS(3) JPAGED_ROWS(4) JPAGED_ROWS(5) JPAGED_ROWS(6)
+    JPAGED_ROWS(7) JPAGED_ROWS(8) JPAGED_ROWS(9) JPAGED_ROWS(10) JPAGED_ROWS(11) JPAGED_ROWS(12)
+#undef JPAGED_ROWS
+    default:
+      return;
+  }
+}
+#else
 // Widens x's first p.m rows to f32 into this thread's buffer, [m, 32 kb] zero padded, and
 // points p.xf at it.
 inline void widen_x(const uint16_t* src, int64_t k, Problem& p) {
@@ -108,6 +174,7 @@ void rows_bf16(const Problem& p, int64_t m0, int64_t rows, int64_t nb, float* c)
       return;
   }
 }
+#endif  // JPAGED_BF16_DPBF16
 
 // The epilogues, as the AMX ones: c holds `rows` rows x 32 columns (row stride 32).
 void argmax_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int64_t n0) {
@@ -166,14 +233,18 @@ void write_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int6
 
 // Panels [begin, end) (32 columns each) for every row, in groups of kGroupAvx2 rows.
 void panels(const Problem& p, int64_t begin, int64_t end) {
-  alignas(32) float c[kRowsAvx2 * 2 * kTileN];
+  alignas(64) float c[kRowsAvx2 * 2 * kTileN];
   for (int64_t g0 = 0; g0 < p.m; g0 += kGroupAvx2) {
     const int64_t g1 = std::min(p.m, g0 + kGroupAvx2);
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t m0 = g0; m0 < g1; m0 += kRowsAvx2) {
         const int64_t rows = std::min(kRowsAvx2, g1 - m0);
+#if defined(JPAGED_BF16_DPBF16)
+        rows_dp(p, m0, rows, 2 * i, c);
+#else
         rows_bf16(p, m0, rows, 2 * i, c);
         rows_bf16(p, m0, rows, 2 * i + 1, c + kTileN);
+#endif
         if (p.best != nullptr) {
           argmax_rows(p, c, m0, rows, 2 * kTileN * i);
         } else if (p.swiglu) {
