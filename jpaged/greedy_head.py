@@ -1,6 +1,6 @@
-"""Greedy steps' ids without the logits (the runner's `fast_greedy_head`, cpu linears on AMX).
+"""Greedy steps' ids without the logits (the runner's `fast_greedy_head`, on the cpu linears).
 
-bf16 head: `linear_cpu.linear_argmax`, the argmax inside the AMX head kernel. f32 head:
+bf16 head: `linear_cpu.linear_argmax`, the argmax inside the bf16 head kernel. f32 head:
 `linear_cpu.head_argmax`, a bf16 screen with exact f32 recomputes of the candidate panels
 (`screen_params` is its bf16 head copy and column norms). Both give the ids the logits give.
 """

@@ -111,8 +111,8 @@ class ModelRunner:
             params = dict(params)
             head_dtype = params["packed"]["head"].dtype
             if fast_greedy_head and linear_cpu.available(kernels_cache_dir(), "bfloat16"):
-                # the f32 screen pays only where bf16 runs far faster than f32 (AMX)
-                self.head_screening = head_dtype == jnp.float32 and linear_cpu.has_amx()
+                # the f32 screen pays only where bf16 runs far faster than f32
+                self.head_screening = head_dtype == jnp.float32 and linear_cpu.has_bf16_dot()
                 self.head_argmax = head_dtype == jnp.bfloat16
             if self.head_screening:
                 params["head_screen"] = greedy_head.screen_params(unpacked_head(c, params))

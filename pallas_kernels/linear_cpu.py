@@ -11,12 +11,14 @@ index (`linear_cpu.cc`):
   split into three bf16 terms and six of the nine products summed in f32 (XLA's
   BF16_BF16_F32_X6 algorithm, TPUs' f32 matmul), [L, NB, KB, 3, 16, 32] (`pack_split`).
 - bfloat16: Intel AMX tiles ([L, NB, KB, 16, 32], TDPBF16PS: bf16 products, f32 sums); on
-  CPUs without AMX (AMD Zen 2 / 3, older Intel) the same tiles widened to f32 on AVX2 FMA
-  (linear_avx2.h): f32 sums of the same exact products, in another order.
+  CPUs without AMX the same tiles on AVX512-BF16's VDPBF16PS (AMD Zen 4 / 5), else widened
+  to f32 on AVX2 FMA (Zen 2 / 3, older Intel; linear_avx2.h): f32 sums of the same exact
+  products, in another order.
 
 `head_argmax` gives a greedy step's ids from an f32 head in a fraction of its flops: bf16
-scores on AMX bound each logit, and only the panels that may hold the first argmax are
-recomputed exactly (the same ids as the f32 logits, bit for bit). AMX only (`has_amx`).
+scores (AMX, or VDPBF16PS) bound each logit, and only the panels that may hold the first
+argmax are recomputed exactly (the same ids as the f32 logits, bit for bit). AVX-512 with
+AMX-BF16 or AVX512-BF16 only (`has_bf16_dot`).
 
 `silu_mul` is SwiGLU's silu(gate) * up between the gate|up and the down linear, one AVX-512
 or AVX2 pass (XLA:CPU's bf16 silu runs at ~5 ns an element); `rope_qkv` splits the fused
@@ -63,6 +65,12 @@ def cpu_supports(dtype: str) -> bool:
 def has_amx() -> bool:
     """Whether the bf16 kernels run on AMX tiles here (and `head_argmax` can run at all)."""
     return {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(cpu_flags().split())
+
+
+def has_bf16_dot() -> bool:
+    """Whether bf16 products run far faster than f32 FMA here: AMX-BF16, or AVX512-BF16's
+    VDPBF16PS (AMD Zen 4 / 5) with AVX-512F (what `head_argmax` screens with)."""
+    return has_amx() or {"avx512f", "avx512_bf16"} <= set(cpu_flags().split())
 
 
 def f32_on_amx() -> bool:
@@ -259,7 +267,7 @@ def head_argmax(
     packed_f32 / packed_bf16: the [K, V] head packed (`pack`, L = 1) as f32 and as bf16;
     norms: `head_norms`. The ids equal those of `linear_cpu(x, packed_f32, 0, n=V)`'s logits
     (first maximum; V for a row with NaN). rows: only the first `rows` rows (the others give
-    0). Needs AMX-BF16 (`available(build_dir, "bfloat16")`).
+    0). Needs `has_bf16_dot` and `available(build_dir, "bfloat16")`.
     """
     v = norms.shape[0]
     scores = linear_cpu(x.astype(jnp.bfloat16), packed_bf16, 0, n=v, out_dtype=jnp.float32,

@@ -25,7 +25,8 @@ needs = {
     for dtype, ok in OK.items()
 }
 DTYPES = [pytest.param(d, marks=needs[d]) for d in linear_cpu.DTYPES]
-needs_amx = pytest.mark.skipif(not (OK["bfloat16"] and linear_cpu.has_amx()), reason="no AMX here")
+needs_bf16_dot = pytest.mark.skipif(not (OK["bfloat16"] and linear_cpu.has_bf16_dot()),
+                                    reason="no AMX-BF16 or AVX512-BF16 here")  # fmt: skip
 needs_rope = pytest.mark.skipif(not (OK["float32"] and linear_cpu.rope_qkv_supported(jnp.bfloat16, 64)),
                                 reason="rope_qkv needs AVX-512F")  # fmt: skip
 SHAPES = [(1, 576, 960), (15, 64, 32), (16, 576, 576), (17, 70, 40), (33, 1536, 576),
@@ -243,7 +244,7 @@ def _head_case(rng: np.random.Generator, k: int, v: int, rows: int):
     return jnp.asarray(w), jnp.asarray(x)
 
 
-@needs_amx
+@needs_bf16_dot
 @pytest.mark.parametrize("k,v,rows", [(64, 1000, 5), (576, 4099, 37), (96, 33, 3)])
 def test_head_argmax_gives_the_f32_logits_first_argmax(k, v, rows):
     rng = np.random.default_rng(k + v)
@@ -261,7 +262,7 @@ def test_head_argmax_gives_the_f32_logits_first_argmax(k, v, rows):
     assert np.asarray(linear_cpu.head_argmax(nan_x, *args))[1] == v
 
 
-@needs_amx
+@needs_bf16_dot
 def test_head_argmax_matches_on_the_default_models_head():
     """SmolLM2's own (tied) head, rows from random hidden states scaled as the final norm's."""
     from jpaged.llm import LLM
