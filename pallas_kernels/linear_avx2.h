@@ -18,11 +18,11 @@
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define JPAGED_BF16_DPBF16 1
-constexpr int64_t kRowsAvx2 = 12;    // rows of y per micro block (VDPBF16PS: both tiles)
+constexpr int64_t kRowsAvx2 = 14;    // rows of y per micro block (VDPBF16PS: both tiles)
 #else
 constexpr int64_t kRowsAvx2 = 6;     // rows of y per micro block
 #endif
-constexpr int64_t kGroupAvx2 = 96;   // rows of x (f32, K <= 1536: 576 KB) per group
+constexpr int64_t kGroupAvx2 = 98;   // rows of x (f32, K <= 1536: 576 KB) per group
 
 using jpaged::bf16_8_to_f32;
 using jpaged::exp8;
@@ -99,6 +99,7 @@ void rows_dp(const Problem& p, int64_t m0, int64_t rows, int64_t nb, float* c) {
     return micro_dp<R>(p, m0, nb, c);
     JPAGED_ROWS(1) JPAGED_ROWS(2) JPAGED_ROWS(3) JPAGED_ROWS(4) JPAGED_ROWS(5) JPAGED_ROWS(6)
     JPAGED_ROWS(7) JPAGED_ROWS(8) JPAGED_ROWS(9) JPAGED_ROWS(10) JPAGED_ROWS(11) JPAGED_ROWS(12)
+    JPAGED_ROWS(13) JPAGED_ROWS(14)
 #undef JPAGED_ROWS
     default:
       return;
@@ -237,8 +238,11 @@ void panels(const Problem& p, int64_t begin, int64_t end) {
   for (int64_t g0 = 0; g0 < p.m; g0 += kGroupAvx2) {
     const int64_t g1 = std::min(p.m, g0 + kGroupAvx2);
     for (int64_t i = begin; i < end; ++i) {
-      for (int64_t m0 = g0; m0 < g1; m0 += kRowsAvx2) {
-        const int64_t rows = std::min(kRowsAvx2, g1 - m0);
+      // the group in equal blocks of at most kRowsAvx2 rows (64 rows: 6 x 10-11, not 5 x 12 + 4)
+      const int64_t blocks = (g1 - g0 + kRowsAvx2 - 1) / kRowsAvx2;
+      const int64_t step = (g1 - g0 + blocks - 1) / blocks;
+      for (int64_t m0 = g0; m0 < g1; m0 += step) {
+        const int64_t rows = std::min(step, g1 - m0);
 #if defined(JPAGED_BF16_DPBF16)
         rows_dp(p, m0, rows, 2 * i, c);
 #else
