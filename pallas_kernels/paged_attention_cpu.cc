@@ -376,6 +376,8 @@ void attend_row8(const float* q, const float* k_rows, const float* v_rows, int64
 }
 #endif
 
+constexpr int64_t kPagesAhead = 4;  // pages fetched into L2 ahead of the one in use
+
 // One (tile, kv head) item: G * Q query rows against the tile's context.
 void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<float>& scratch) {
   const int64_t D = p.head_dim, Q = p.q_len, G = p.num_heads / p.num_kv_heads;
@@ -426,14 +428,18 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
         p.pool + ((((p.layer * p.num_blocks + block) * 2 + 0) * bs) * p.num_kv_heads + kv_head) *
                      D * p.kv_item;
     const char* v_base = k_base + static_cast<size_t>(bs) * token_stride;
-    if (page + 1 < num_pages && page + 1 < p.width) {  // pages are scattered: fetch ahead
-      const char* next = p.pool + ((((p.layer * p.num_blocks + table[page + 1]) * 2 + 0) * bs) *
+    // pages are scattered: fetch the page kPagesAhead ahead into L2 (the first page: all of
+    // those up to it)
+    for (int64_t ahead = page == 0 ? 1 : kPagesAhead; ahead <= kPagesAhead; ++ahead) {
+      const int64_t np = page + ahead;
+      if (np >= num_pages || np >= p.width) break;
+      const char* next = p.pool + ((((p.layer * p.num_blocks + table[np]) * 2 + 0) * bs) *
                                        p.num_kv_heads + kv_head) * D * p.kv_item;
       const size_t row_bytes = static_cast<size_t>(D) * p.kv_item;
       for (int64_t t = 0; t < bs; ++t) {
         for (size_t b = 0; b < row_bytes; b += 64) {
-          __builtin_prefetch(next + t * token_stride + b);
-          __builtin_prefetch(next + (bs + t) * token_stride + b);
+          _mm_prefetch(next + t * token_stride + b, _MM_HINT_T1);
+          _mm_prefetch(next + (bs + t) * token_stride + b, _MM_HINT_T1);
         }
       }
     }
