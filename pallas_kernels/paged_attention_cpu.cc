@@ -125,6 +125,12 @@ inline void load_row(const void* src, ffi::DataType dtype, int n, float* dst) {
     case ffi::DataType::BF16: {
       const uint16_t* s = static_cast<const uint16_t*>(src);
       int i = 0;
+#if defined(__AVX512F__)
+      for (; i + 16 <= n; i += 16) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
+        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+      }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
       for (; i + 8 <= n; i += 8) {
         const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
