@@ -231,8 +231,15 @@ inline __m512 sum16x16(const __m512* v) {
 // horizontal sum per dot product, which made the multi-row items of prefill chunks and verify
 // steps compute-bound. DV = D / 16 when it is a compile-time constant (D = 64, 128: q held in
 // registers, the d loops unrolled), else 0 and D at run time; both give the same bits.
-template <int DV>
-void attend_row16(const float* q, const float* k_rows, const float* v_rows, int64_t row_stride,
+// 16 K / V values as f32: loaded, or (bf16 pool) widened exactly from 16 bf16.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <int DV, typename T = float>
+void attend_row16(const float* q, const T* k_rows, const T* v_rows, int64_t row_stride,
                   int64_t n, int64_t visible, int64_t d_runtime, float* acc, float& row_max,
                   float& denom) {
   const int64_t nvec = DV > 0 ? DV : d_runtime / 16;
@@ -250,13 +257,13 @@ void attend_row16(const float* q, const float* k_rows, const float* v_rows, int6
     for (int64_t t = 0; t < 16; ++t) {
       __m512 sum = _mm512_setzero_ps();
       if (t < nk) {
-        const float* k = k_rows + (t0 + t) * row_stride;
+        const T* k = k_rows + (t0 + t) * row_stride;
         if constexpr (DV > 0) {
 #pragma GCC unroll 16
-          for (int i = 0; i < DV; ++i) sum = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(k + 16 * i), sum);
+          for (int i = 0; i < DV; ++i) sum = _mm512_fmadd_ps(qv[i], load16(k + 16 * i), sum);
         } else {
           for (int64_t i = 0; i < nvec; ++i) {
-            sum = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * i), _mm512_loadu_ps(k + 16 * i), sum);
+            sum = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * i), load16(k + 16 * i), sum);
           }
         }
       }
@@ -283,9 +290,9 @@ void attend_row16(const float* q, const float* k_rows, const float* v_rows, int6
       for (int i = 0; i < DV; ++i) a[i] = _mm512_loadu_ps(acc + 16 * i);
       for (int64_t t = 0; t < nv; ++t) {
         const __m512 wt = _mm512_set1_ps(w[t]);
-        const float* v = v_rows + (t0 + t) * row_stride;
+        const T* v = v_rows + (t0 + t) * row_stride;
 #pragma GCC unroll 16
-        for (int i = 0; i < DV; ++i) a[i] = _mm512_fmadd_ps(wt, _mm512_loadu_ps(v + 16 * i), a[i]);
+        for (int i = 0; i < DV; ++i) a[i] = _mm512_fmadd_ps(wt, load16(v + 16 * i), a[i]);
       }
 #pragma GCC unroll 16
       for (int i = 0; i < DV; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
@@ -294,7 +301,7 @@ void attend_row16(const float* q, const float* k_rows, const float* v_rows, int6
         __m512 a = _mm512_loadu_ps(acc + 16 * i);
         for (int64_t t = 0; t < nv; ++t) {
           a = _mm512_fmadd_ps(_mm512_set1_ps(w[t]),
-                              _mm512_loadu_ps(v_rows + (t0 + t) * row_stride + 16 * i), a);
+                              load16(v_rows + (t0 + t) * row_stride + 16 * i), a);
         }
         _mm512_storeu_ps(acc + 16 * i, a);
       }
@@ -449,6 +456,20 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
         }
       }
     }
+#if defined(__AVX512F__)
+    if (p.kv_dtype == ffi::DataType::BF16 && (D == 64 || D == 128)) {  // widened as read
+      const auto* k16 = reinterpret_cast<const uint16_t*>(k_base);
+      const auto* v16 = reinterpret_cast<const uint16_t*>(v_base);
+      const int64_t stride16 = static_cast<int64_t>(token_stride / 2);
+      auto* const row = D == 64 ? attend_row16<4, uint16_t> : attend_row16<8, uint16_t>;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t visible = std::min<int64_t>(n, static_cast<int64_t>(last_key[r]) - first + 1);
+        if (visible <= 0) continue;
+        row(qf + r * D, k16, v16, stride16, n, visible, D, acc + r * D, row_max[r], denom[r]);
+      }
+      continue;
+    }
+#endif
     // f32 pools are read in place; other dtypes are converted into kf / vf first
     const bool direct = p.kv_dtype == ffi::DataType::F32;
     const int64_t row_stride = direct ? static_cast<int64_t>(token_stride / sizeof(float)) : D;
