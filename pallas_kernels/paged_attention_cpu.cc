@@ -30,6 +30,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -224,13 +225,6 @@ inline __m512 sum16x16(const __m512* v) {
                        _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// One f32 query row (scaled) against one page's keys [0, n), of which [0, visible) are
-// visible to it, folded into its online softmax (acc [D], row_max, denom). Keys go 16 at a
-// time: 16 partial dot products reduce into one vector of scores, so the max, exp and sum
-// are vector operations too (D a multiple of 16). Replaces a scalar exp per key and a
-// horizontal sum per dot product, which made the multi-row items of prefill chunks and verify
-// steps compute-bound. DV = D / 16 when it is a compile-time constant (D = 64, 128: q held in
-// registers, the d loops unrolled), else 0 and D at run time; both give the same bits.
 // 16 K / V values as f32: loaded, or (bf16 pool) widened exactly from 16 bf16.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) {
@@ -238,10 +232,19 @@ inline __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// One f32 query row (scaled) against one page's keys [0, n), of which [0, visible) are
+// visible to it, folded into its online softmax (acc [D], row_max, denom). Keys go 16 at a
+// time: 16 partial dot products reduce into one vector of scores, so the max, exp and sum
+// are vector operations too (D a multiple of 16). Replaces a scalar exp per key and a
+// horizontal sum per dot product, which made the multi-row items of prefill chunks and verify
+// steps compute-bound. DV = D / 16 when it is a compile-time constant (D = 64, 128: q held in
+// registers, the d loops unrolled), else 0 and D at run time; both give the same bits.
+// qb (bf16 pools on AVX512-BF16, DV > 0): the row's unscaled bf16 query, DV / 2 vectors of
+// 32, whose scores come from VDPBF16PS (exact products, f32 sums) times `scale`; q unused.
 template <int DV, typename T = float>
 void attend_row16(const float* q, const T* k_rows, const T* v_rows, int64_t row_stride,
                   int64_t n, int64_t visible, int64_t d_runtime, float* acc, float& row_max,
-                  float& denom) {
+                  float& denom, const void* qb = nullptr, float scale = 1.0f) {
   const int64_t nvec = DV > 0 ? DV : d_runtime / 16;
   alignas(64) float w[16];
   __m512 qv[DV > 0 ? DV : 1];
@@ -258,6 +261,20 @@ void attend_row16(const float* q, const T* k_rows, const T* v_rows, int64_t row_
       __m512 sum = _mm512_setzero_ps();
       if (t < nk) {
         const T* k = k_rows + (t0 + t) * row_stride;
+#if defined(__AVX512BF16__)
+        if constexpr (DV > 0 && std::is_same_v<T, uint16_t>) {
+          if (qb != nullptr) {
+            const auto* qv2 = static_cast<const __m512bh*>(qb);
+#pragma GCC unroll 8
+            for (int i = 0; i < DV / 2; ++i) {
+              const __m512i kv = _mm512_loadu_si512(k + 32 * i);
+              sum = _mm512_dpbf16_ps(sum, qv2[i], reinterpret_cast<const __m512bh&>(kv));
+            }
+            part[t] = sum;
+            continue;
+          }
+        }
+#endif
         if constexpr (DV > 0) {
 #pragma GCC unroll 16
           for (int i = 0; i < DV; ++i) sum = _mm512_fmadd_ps(qv[i], load16(k + 16 * i), sum);
@@ -270,7 +287,9 @@ void attend_row16(const float* q, const T* k_rows, const T* v_rows, int64_t row_
       part[t] = sum;
     }
     const __mmask16 vis = static_cast<__mmask16>((1u << nv) - 1u);
-    const __m512 scores = _mm512_mask_mov_ps(_mm512_set1_ps(kMaskValue), vis, sum16x16(part));
+    __m512 dots = sum16x16(part);
+    if (qb != nullptr) dots = _mm512_mul_ps(dots, _mm512_set1_ps(scale));
+    const __m512 scores = _mm512_mask_mov_ps(_mm512_set1_ps(kMaskValue), vis, dots);
     const float new_max = std::max(row_max, _mm512_reduce_max_ps(scores));
     const __m512 e = _mm512_maskz_mov_ps(vis, jpaged::exp16(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
     _mm512_store_ps(w, e);
@@ -430,6 +449,24 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
 #elif defined(JPAGED_ATTEND_AVX2)
   auto* const row8 = D == 64 ? attend_row8<8> : D == 128 ? attend_row8<16> : attend_row8<0>;
 #endif
+#if defined(__AVX512BF16__)
+  // bf16 q over a bf16 pool: the unscaled queries as bf16 pairs for VDPBF16PS scores
+  thread_local std::vector<__m512bh> qb;
+  qb.clear();
+  if (p.q_dtype == ffi::DataType::BF16 && p.kv_dtype == ffi::DataType::BF16 &&
+      (D == 64 || D == 128)) {
+    qb.resize(static_cast<size_t>(rows * D / 32));
+    for (int64_t qi = 0; qi < Q; ++qi) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = qi * G + g, h = kv_head * G + g;
+        const char* src = p.q + ((tile * Q + qi) * p.num_heads + h) * D * p.q_item;
+        std::memcpy(qb.data() + r * (D / 32), src, D * 2);
+      }
+    }
+  }
+#else
+  const std::vector<int> qb;
+#endif
   const int64_t num_pages = max_visible < 0 ? 0 : max_visible / bs + 1;
   const int32_t* table = p.block_tables + tile * p.width;
   const size_t token_stride = static_cast<size_t>(p.num_kv_heads * D) * p.kv_item;
@@ -465,7 +502,9 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t visible = std::min<int64_t>(n, static_cast<int64_t>(last_key[r]) - first + 1);
         if (visible <= 0) continue;
-        row(qf + r * D, k16, v16, stride16, n, visible, D, acc + r * D, row_max[r], denom[r]);
+        const void* qbr = qb.empty() ? nullptr : qb.data() + r * (D / 32);
+        row(qf + r * D, k16, v16, stride16, n, visible, D, acc + r * D, row_max[r], denom[r],
+            qbr, p.scale);
       }
       continue;
     }
@@ -487,7 +526,7 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
 #if defined(__AVX512F__)
       if (D % 16 == 0) {
         row16(qf + r * D, k_rows, v_rows, row_stride, n, visible, D, acc + r * D, row_max[r],
-              denom[r]);
+              denom[r], nullptr, 1.0f);
         continue;
       }
 #elif defined(JPAGED_ATTEND_AVX2)
