@@ -239,8 +239,8 @@ inline __m512 load16(const uint16_t* p) {
 // horizontal sum per dot product, which made the multi-row items of prefill chunks and verify
 // steps compute-bound. DV = D / 16 when it is a compile-time constant (D = 64, 128: q held in
 // registers, the d loops unrolled), else 0 and D at run time; both give the same bits.
-// qb (bf16 pools on AVX512-BF16, DV > 0): the row's unscaled bf16 query, DV / 2 vectors of
-// 32, whose scores come from VDPBF16PS (exact products, f32 sums) times `scale`; q unused.
+// qb (bf16 pools on AVX512-BF16, DV > 0): the row's unscaled bf16 query (D values), whose
+// scores come from VDPBF16PS (exact products, f32 sums) times `scale`; q unused.
 template <int DV, typename T = float>
 void attend_row16(const float* q, const T* k_rows, const T* v_rows, int64_t row_stride,
                   int64_t n, int64_t visible, int64_t d_runtime, float* acc, float& row_max,
@@ -264,11 +264,13 @@ void attend_row16(const float* q, const T* k_rows, const T* v_rows, int64_t row_
 #if defined(__AVX512BF16__)
         if constexpr (DV > 0 && std::is_same_v<T, uint16_t>) {
           if (qb != nullptr) {
-            const auto* qv2 = static_cast<const __m512bh*>(qb);
+            const auto* q16 = static_cast<const uint16_t*>(qb);
 #pragma GCC unroll 8
             for (int i = 0; i < DV / 2; ++i) {
               const __m512i kv = _mm512_loadu_si512(k + 32 * i);
-              sum = _mm512_dpbf16_ps(sum, qv2[i], reinterpret_cast<const __m512bh&>(kv));
+              const __m512i qv2 = _mm512_loadu_si512(q16 + 32 * i);
+              sum = _mm512_dpbf16_ps(sum, reinterpret_cast<const __m512bh&>(qv2),
+                                     reinterpret_cast<const __m512bh&>(kv));
             }
             part[t] = sum;
             continue;
@@ -451,16 +453,16 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
 #endif
 #if defined(__AVX512BF16__)
   // bf16 q over a bf16 pool: the unscaled queries as bf16 pairs for VDPBF16PS scores
-  thread_local std::vector<__m512bh> qb;
+  thread_local std::vector<uint16_t> qb;
   qb.clear();
   if (p.q_dtype == ffi::DataType::BF16 && p.kv_dtype == ffi::DataType::BF16 &&
       (D == 64 || D == 128)) {
-    qb.resize(static_cast<size_t>(rows * D / 32));
+    qb.resize(static_cast<size_t>(rows * D));
     for (int64_t qi = 0; qi < Q; ++qi) {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t r = qi * G + g, h = kv_head * G + g;
         const char* src = p.q + ((tile * Q + qi) * p.num_heads + h) * D * p.q_item;
-        std::memcpy(qb.data() + r * (D / 32), src, D * 2);
+        std::memcpy(qb.data() + r * D, src, D * 2);
       }
     }
   }
@@ -502,7 +504,7 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t visible = std::min<int64_t>(n, static_cast<int64_t>(last_key[r]) - first + 1);
         if (visible <= 0) continue;
-        const void* qbr = qb.empty() ? nullptr : qb.data() + r * (D / 32);
+        const void* qbr = qb.empty() ? nullptr : qb.data() + r * D;
         row(qf + r * D, k16, v16, stride16, n, visible, D, acc + r * D, row_max[r], denom[r],
             qbr, p.scale);
       }

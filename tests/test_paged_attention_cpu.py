@@ -41,6 +41,9 @@ CONFIGS = [  # (seed, block_size, head_dim, num_kv_heads, group, dtype, num_seqs
     (7, 8, 64, 2, 8, "bfloat16", 5, 40),
     (8, 64, 128, 1, 4, "bfloat16", 4, 33),
     (9, 16, 32, 3, 3, "bfloat16", 9, 1),
+    # decode batches of 20+ tiles: the non-AMX kernel's items then take all of a tile's kv heads
+    (10, 16, 64, 3, 3, "float32", 24, 1),
+    (11, 16, 64, 3, 3, "bfloat16", 24, 1),
 ]
 
 
