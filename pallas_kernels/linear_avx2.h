@@ -11,7 +11,7 @@
 // Where the CPU has AVX512-BF16 but no AMX (AMD Zen 4 / 5, Intel Cooper Lake), x stays bf16
 // and VDPBF16PS takes a k pair of 16 columns per instruction, straight from the packed line:
 // a broadcast dword of x (x[k], x[k + 1]) against the line adds both exact products to each
-// column's f32 sum. 12 rows x 32 columns of y in 24 zmm accumulators.
+// column's f32 sum. Up to 14 rows x 32 columns of y in 28 zmm accumulators.
 #pragma once
 
 #if defined(JPAGED_BF16_AVX2)
@@ -22,7 +22,7 @@ constexpr int64_t kRowsAvx2 = 14;    // rows of y per micro block (VDPBF16PS: bo
 #else
 constexpr int64_t kRowsAvx2 = 6;     // rows of y per micro block
 #endif
-constexpr int64_t kGroupAvx2 = 98;   // rows of x (f32, K <= 1536: 576 KB) per group
+constexpr int64_t kGroupAvx2 = 98;   // rows of x per group (K <= 1536: f32 588 KB, bf16 294)
 
 using jpaged::bf16_8_to_f32;
 using jpaged::exp8;
@@ -238,7 +238,8 @@ void panels(const Problem& p, int64_t begin, int64_t end) {
   for (int64_t g0 = 0; g0 < p.m; g0 += kGroupAvx2) {
     const int64_t g1 = std::min(p.m, g0 + kGroupAvx2);
     for (int64_t i = begin; i < end; ++i) {
-      // the group in equal blocks of at most kRowsAvx2 rows (64 rows: 6 x 10-11, not 5 x 12 + 4)
+      // the group in equal blocks of at most kRowsAvx2 rows (VDPBF16PS, 64 rows: 5 x 13, not
+      // 4 x 14 + 8)
       const int64_t blocks = (g1 - g0 + kRowsAvx2 - 1) / kRowsAvx2;
       const int64_t step = (g1 - g0 + blocks - 1) / blocks;
       for (int64_t m0 = g0; m0 < g1; m0 += step) {
