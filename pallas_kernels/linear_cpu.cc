@@ -150,6 +150,18 @@ void write_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int6
   }
 }
 
+// Stores the accumulator tiles 0 / 1 (and 2 / 3 when `two`) into c, 32 rows x 32 columns
+// (row stride 32); returns how many of those rows are y's (m0 onwards).
+int64_t store_tiles(const Problem& p, float* c, int64_t m0, bool two) {
+  _tile_stored(0, c, 2 * kTileN * sizeof(float));
+  _tile_stored(1, c + kTileN, 2 * kTileN * sizeof(float));
+  if (two) {
+    _tile_stored(2, c + kTileRows * 2 * kTileN, 2 * kTileN * sizeof(float));
+    _tile_stored(3, c + kTileRows * 2 * kTileN + kTileN, 2 * kTileN * sizeof(float));
+  }
+  return std::min<int64_t>(two ? 2 * kTileRows : kTileRows, p.m - m0);
+}
+
 // Tile loads stall on memory without this: fetch both B streams kPrefetch tiles ahead (past
 // the panel's end, that is the next panel of the same worker).
 constexpr int64_t kPrefetch = 4;
@@ -198,13 +210,7 @@ void block(const Problem& p, int64_t item, int64_t m0, bool stream) {
       _tile_dpbf16ps(1, 4, 7);
     }
   }
-  _tile_stored(0, c, 2 * kTileN * sizeof(float));
-  _tile_stored(1, c + kTileN, 2 * kTileN * sizeof(float));
-  if (two) {
-    _tile_stored(2, c + kTileRows * 2 * kTileN, 2 * kTileN * sizeof(float));
-    _tile_stored(3, c + kTileRows * 2 * kTileN + kTileN, 2 * kTileN * sizeof(float));
-  }
-  const int64_t rows = std::min<int64_t>(two ? 2 * kTileRows : kTileRows, p.m - m0);
+  const int64_t rows = store_tiles(p, c, m0, two);
   if (p.best != nullptr) {
     argmax_rows(p, c, m0, rows, 2 * kTileN * item);
   } else if (p.swiglu) {
@@ -216,15 +222,20 @@ void block(const Problem& p, int64_t item, int64_t m0, bool stream) {
 
 // Panels [begin, end) for every row. Rows go in groups of kGroupRows (x's group stays in
 // L2); within a group each panel is streamed from memory once and reused from L1/L2 by the
-// group's 32-row chunks. Decode-sized x is a single group.
-
-void panels(const Problem& p, int64_t begin, int64_t end) {
-  for (int64_t g0 = 0; g0 < p.mp; g0 += kGroupRows) {
-    const int64_t g1 = std::min(p.mp, g0 + kGroupRows);
+// group's 32-row chunks. Decode-sized x is a single group. Block: block or block_x6, each
+// with its own group size.
+template <void (*Block)(const Problem&, int64_t, int64_t, bool)>
+void panel_groups(const Problem& p, int64_t begin, int64_t end, int64_t group_rows) {
+  for (int64_t g0 = 0; g0 < p.mp; g0 += group_rows) {
+    const int64_t g1 = std::min(p.mp, g0 + group_rows);
     for (int64_t i = begin; i < end; ++i) {
-      for (int64_t m0 = g0; m0 < g1; m0 += 2 * kTileRows) block(p, i, m0, m0 == g0);
+      for (int64_t m0 = g0; m0 < g1; m0 += 2 * kTileRows) Block(p, i, m0, m0 == g0);
     }
   }
+}
+
+void panels(const Problem& p, int64_t begin, int64_t end) {
+  panel_groups<block>(p, begin, end, kGroupRows);
 }
 
 // ---- f32 as bf16 x 6 on AMX ---------------------------------------------------------------
@@ -276,23 +287,12 @@ void block_x6(const Problem& p, int64_t item, int64_t m0, bool stream) {
       }
     }
   }
-  _tile_stored(0, c, 2 * kTileN * sizeof(float));
-  _tile_stored(1, c + kTileN, 2 * kTileN * sizeof(float));
-  if (two) {
-    _tile_stored(2, c + kTileRows * 2 * kTileN, 2 * kTileN * sizeof(float));
-    _tile_stored(3, c + kTileRows * 2 * kTileN + kTileN, 2 * kTileN * sizeof(float));
-  }
-  const int64_t rows = std::min<int64_t>(two ? 2 * kTileRows : kTileRows, p.m - m0);
+  const int64_t rows = store_tiles(p, c, m0, two);
   write_rows(p, c, m0, rows, 2 * kTileN * item);
 }
 
 void panels_x6(const Problem& p, int64_t begin, int64_t end) {
-  for (int64_t g0 = 0; g0 < p.mp; g0 += kGroupRowsX6) {
-    const int64_t g1 = std::min(p.mp, g0 + kGroupRowsX6);
-    for (int64_t i = begin; i < end; ++i) {
-      for (int64_t m0 = g0; m0 < g1; m0 += 2 * kTileRows) block_x6(p, i, m0, m0 == g0);
-    }
-  }
+  panel_groups<block_x6>(p, begin, end, kGroupRowsX6);
 }
 
 
