@@ -232,79 +232,93 @@ inline __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// The softmax half of one query row against 16 keys of a page, t0 .. t0 + 15: keys [0, nk)
+// of those are in the page and [0, nv) visible to the row. Their scores (16 partial dot
+// products reduced into one vector, so max, exp and sum are vector operations too) fold into
+// the row's online softmax: acc [D] is rescaled where the maximum grows, row_max and denom
+// updated, and the 16 keys' weights go to w (0 past nv). DV = D / 16 when it is a
+// compile-time constant (D = 64, 128: q held in registers, the d loops unrolled), else 0 and D
+// at run time; both give the same bits. qb (bf16 pools on AVX512-BF16, DV > 0): the row's
+// unscaled bf16 query (D values), whose scores come from VDPBF16PS (exact products, f32 sums)
+// times `scale`; q unused.
+template <int DV, typename T = float>
+inline void row_weights16(const float* q, const T* k_rows, int64_t row_stride, int64_t t0,
+                          int64_t nk, int64_t nv, int64_t d_runtime, float* acc, float& row_max,
+                          float& denom, const void* qb, float scale, float* w) {
+  const int64_t nvec = DV > 0 ? DV : d_runtime / 16;
+  __m512 qv[DV > 0 ? DV : 1];
+  if constexpr (DV > 0) {
+#pragma GCC unroll 16
+    for (int i = 0; i < DV; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i);
+  }
+  __m512 part[16];
+#pragma GCC unroll 16
+  for (int64_t t = 0; t < 16; ++t) {
+    __m512 sum = _mm512_setzero_ps();
+    if (t < nk) {
+      const T* k = k_rows + (t0 + t) * row_stride;
+#if defined(__AVX512BF16__)
+      if constexpr (DV > 0 && std::is_same_v<T, uint16_t>) {
+        if (qb != nullptr) {
+          const auto* q16 = static_cast<const uint16_t*>(qb);
+#pragma GCC unroll 8
+          for (int i = 0; i < DV / 2; ++i) {
+            const __m512i kv = _mm512_loadu_si512(k + 32 * i);
+            const __m512i qv2 = _mm512_loadu_si512(q16 + 32 * i);
+            sum = _mm512_dpbf16_ps(sum, reinterpret_cast<const __m512bh&>(qv2),
+                                   reinterpret_cast<const __m512bh&>(kv));
+          }
+          part[t] = sum;
+          continue;
+        }
+      }
+#endif
+      if constexpr (DV > 0) {
+#pragma GCC unroll 16
+        for (int i = 0; i < DV; ++i) sum = _mm512_fmadd_ps(qv[i], load16(k + 16 * i), sum);
+      } else {
+        for (int64_t i = 0; i < nvec; ++i) {
+          sum = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * i), load16(k + 16 * i), sum);
+        }
+      }
+    }
+    part[t] = sum;
+  }
+  const __mmask16 vis = static_cast<__mmask16>((1u << nv) - 1u);
+  __m512 dots = sum16x16(part);
+  if (qb != nullptr) dots = _mm512_mul_ps(dots, _mm512_set1_ps(scale));
+  const __m512 scores = _mm512_mask_mov_ps(_mm512_set1_ps(kMaskValue), vis, dots);
+  const float new_max = std::max(row_max, _mm512_reduce_max_ps(scores));
+  const __m512 e = _mm512_maskz_mov_ps(vis, jpaged::exp16(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
+  _mm512_storeu_ps(w, e);
+  if (new_max > row_max) {  // rescale what acc and denom hold so far
+    const float rescale = std::exp(row_max - new_max);
+    const __m512 rs = _mm512_set1_ps(rescale);
+    for (int64_t i = 0; i < nvec; ++i) {
+      _mm512_storeu_ps(acc + 16 * i, _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * i), rs));
+    }
+    denom *= rescale;
+    row_max = new_max;
+  }
+  denom += _mm512_reduce_add_ps(e);
+}
+
 // One f32 query row (scaled) against one page's keys [0, n), of which [0, visible) are
-// visible to it, folded into its online softmax (acc [D], row_max, denom). Keys go 16 at a
-// time: 16 partial dot products reduce into one vector of scores, so the max, exp and sum
-// are vector operations too (D a multiple of 16). Replaces a scalar exp per key and a
-// horizontal sum per dot product, which made the multi-row items of prefill chunks and verify
-// steps compute-bound. DV = D / 16 when it is a compile-time constant (D = 64, 128: q held in
-// registers, the d loops unrolled), else 0 and D at run time; both give the same bits.
-// qb (bf16 pools on AVX512-BF16, DV > 0): the row's unscaled bf16 query (D values), whose
-// scores come from VDPBF16PS (exact products, f32 sums) times `scale`; q unused.
+// visible to it, folded into its online softmax (acc [D], row_max, denom), 16 keys at a time
+// (row_weights16, then the weighted V rows added into acc). Replaces a scalar exp per key and
+// a horizontal sum per dot product, which made the multi-row items of prefill chunks and
+// verify steps compute-bound. DV, qb, scale: as row_weights16.
 template <int DV, typename T = float>
 void attend_row16(const float* q, const T* k_rows, const T* v_rows, int64_t row_stride,
                   int64_t n, int64_t visible, int64_t d_runtime, float* acc, float& row_max,
                   float& denom, const void* qb = nullptr, float scale = 1.0f) {
   const int64_t nvec = DV > 0 ? DV : d_runtime / 16;
   alignas(64) float w[16];
-  __m512 qv[DV > 0 ? DV : 1];
-  if constexpr (DV > 0) {
-#pragma GCC unroll 16
-    for (int i = 0; i < DV; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i);
-  }
   for (int64_t t0 = 0; t0 < visible; t0 += 16) {
     const int64_t nk = std::min<int64_t>(16, n - t0);
     const int64_t nv = std::min<int64_t>(16, visible - t0);
-    __m512 part[16];
-#pragma GCC unroll 16
-    for (int64_t t = 0; t < 16; ++t) {
-      __m512 sum = _mm512_setzero_ps();
-      if (t < nk) {
-        const T* k = k_rows + (t0 + t) * row_stride;
-#if defined(__AVX512BF16__)
-        if constexpr (DV > 0 && std::is_same_v<T, uint16_t>) {
-          if (qb != nullptr) {
-            const auto* q16 = static_cast<const uint16_t*>(qb);
-#pragma GCC unroll 8
-            for (int i = 0; i < DV / 2; ++i) {
-              const __m512i kv = _mm512_loadu_si512(k + 32 * i);
-              const __m512i qv2 = _mm512_loadu_si512(q16 + 32 * i);
-              sum = _mm512_dpbf16_ps(sum, reinterpret_cast<const __m512bh&>(qv2),
-                                     reinterpret_cast<const __m512bh&>(kv));
-            }
-            part[t] = sum;
-            continue;
-          }
-        }
-#endif
-        if constexpr (DV > 0) {
-#pragma GCC unroll 16
-          for (int i = 0; i < DV; ++i) sum = _mm512_fmadd_ps(qv[i], load16(k + 16 * i), sum);
-        } else {
-          for (int64_t i = 0; i < nvec; ++i) {
-            sum = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * i), load16(k + 16 * i), sum);
-          }
-        }
-      }
-      part[t] = sum;
-    }
-    const __mmask16 vis = static_cast<__mmask16>((1u << nv) - 1u);
-    __m512 dots = sum16x16(part);
-    if (qb != nullptr) dots = _mm512_mul_ps(dots, _mm512_set1_ps(scale));
-    const __m512 scores = _mm512_mask_mov_ps(_mm512_set1_ps(kMaskValue), vis, dots);
-    const float new_max = std::max(row_max, _mm512_reduce_max_ps(scores));
-    const __m512 e = _mm512_maskz_mov_ps(vis, jpaged::exp16(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
-    _mm512_store_ps(w, e);
-    if (new_max > row_max) {  // rescale what acc and denom hold so far
-      const float rescale = std::exp(row_max - new_max);
-      const __m512 rs = _mm512_set1_ps(rescale);
-      for (int64_t i = 0; i < nvec; ++i) {
-        _mm512_storeu_ps(acc + 16 * i, _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * i), rs));
-      }
-      denom *= rescale;
-      row_max = new_max;
-    }
-    denom += _mm512_reduce_add_ps(e);
+    row_weights16<DV, T>(q, k_rows, row_stride, t0, nk, nv, d_runtime, acc, row_max, denom, qb,
+                         scale, w);
     if constexpr (DV > 0) {
       __m512 a[DV];
 #pragma GCC unroll 16
@@ -328,6 +342,118 @@ void attend_row16(const float* q, const T* k_rows, const T* v_rows, int64_t row_
       }
     }
   }
+}
+
+// A page's K and V rows (one kv head's) to fetch into L2 a row at a time while another page
+// computes: a burst of a whole page's lines fills the core's miss buffers and stalls the loads
+// behind it, so memory and compute did not overlap.
+struct PagePrefetch {
+  const char* k = nullptr;  // K row 0 of the page; null: nothing to fetch
+  const char* v = nullptr;  // V row 0
+  size_t stride = 0;        // bytes from one token's row to the next
+  size_t row_bytes = 0;
+  void row(int64_t t) const {
+    if (k == nullptr) return;
+    for (size_t b = 0; b < row_bytes; b += 64) {
+      _mm_prefetch(k + t * stride + b, _MM_HINT_T1);
+      _mm_prefetch(v + t * stride + b, _MM_HINT_T1);
+    }
+  }
+};
+
+// V rows t .. t + nv - 1 weighted into RG accumulator rows at once: each V row is loaded (and
+// widened) once for the RG rows; acc_r += w_r[t] v_t in the same order as attend_row16, and
+// a weight of 0 (a key past the row's causal limit, a real finite row) adds +-0.
+// pf: the rows t of a later page to fetch alongside (see PagePrefetch).
+template <int DV, int RG, typename T>
+inline void weighted_v_rows(const T* v_rows, int64_t row_stride, int64_t nv, const float* w,
+                            float* acc, int64_t acc_stride, const PagePrefetch& pf) {
+  __m512 a[RG][DV];
+#pragma GCC unroll 16
+  for (int r = 0; r < RG; ++r) {
+#pragma GCC unroll 16
+    for (int i = 0; i < DV; ++i) a[r][i] = _mm512_loadu_ps(acc + r * acc_stride + 16 * i);
+  }
+  for (int64_t t = 0; t < nv; ++t) {
+    pf.row(t);
+    const T* v = v_rows + t * row_stride;
+    __m512 vt[DV];
+#pragma GCC unroll 16
+    for (int i = 0; i < DV; ++i) vt[i] = load16(v + 16 * i);
+#pragma GCC unroll 16
+    for (int r = 0; r < RG; ++r) {
+      const __m512 wt = _mm512_set1_ps(w[r * 16 + t]);
+#pragma GCC unroll 16
+      for (int i = 0; i < DV; ++i) a[r][i] = _mm512_fmadd_ps(wt, vt[i], a[r][i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < RG; ++r) {
+#pragma GCC unroll 16
+    for (int i = 0; i < DV; ++i) _mm512_storeu_ps(acc + r * acc_stride + 16 * i, a[r][i]);
+  }
+}
+
+// Rows [0, rows) of an item against one page's keys [0, n) (DV > 0): each row's softmax half
+// as attend_row16's, then the V rows once for up to kRowGroup rows at a time rather than once
+// per row (decode: the G query heads of a kv head). Same bits as attend_row16 per row.
+// visible[r]: keys [0, visible[r]) of the page are visible to row r (<= n).
+// pf: a later page (bs rows), fetched a row per key of this one's V loop.
+template <int DV, typename T>
+void attend_rows16(int64_t rows, const float* q, const uint16_t* qb, const T* k_rows,
+                   const T* v_rows, int64_t row_stride, int64_t n, const int64_t* visible,
+                   float* acc, float* row_max, float* denom, float scale, const PagePrefetch& pf,
+                   int64_t bs) {
+  int64_t fetched = 0;  // rows of pf fetched so far
+  constexpr int kRowGroup = DV <= 4 ? 4 : 2;  // accumulators kRowGroup x DV zmm + DV of V
+  constexpr int64_t D = 16 * DV;
+  alignas(64) float w[kRowGroup * 16];
+  int64_t last = 0;
+  for (int64_t r = 0; r < rows; ++r) last = std::max(last, visible[r]);
+  for (int64_t t0 = 0; t0 < last; t0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, n - t0);
+    for (int64_t g0 = 0; g0 < rows; g0 += kRowGroup) {
+      const int64_t rg = std::min<int64_t>(kRowGroup, rows - g0);
+      int64_t nv_max = 0;
+      for (int64_t j = 0; j < rg; ++j) {
+        const int64_t r = g0 + j;
+        const int64_t nv = std::min<int64_t>(16, visible[r] - t0);
+        if (nv <= 0) {
+          std::fill(w + j * 16, w + j * 16 + 16, 0.0f);
+          continue;
+        }
+        nv_max = std::max(nv_max, nv);
+        row_weights16<DV, T>(q + r * D, k_rows, row_stride, t0, nk, nv, D, acc + r * D,
+                             row_max[r], denom[r], qb == nullptr ? nullptr : qb + r * D, scale,
+                             w + j * 16);
+      }
+      if (nv_max == 0) continue;
+      const T* v = v_rows + t0 * row_stride;
+      float* a = acc + g0 * D;
+      PagePrefetch part;  // pf's rows from `fetched` on, in the first group's V loop only
+      if (g0 == 0 && pf.k != nullptr && fetched < bs) {
+        part = pf;
+        part.k += fetched * pf.stride;
+        part.v += fetched * pf.stride;
+        fetched = std::min(bs, fetched + nv_max);
+      }
+      switch (rg) {
+        case 1: weighted_v_rows<DV, 1>(v, row_stride, nv_max, w, a, D, part); break;
+        case 2: weighted_v_rows<DV, 2>(v, row_stride, nv_max, w, a, D, part); break;
+        case 3:
+          if constexpr (kRowGroup >= 3) {
+            weighted_v_rows<DV, 3>(v, row_stride, nv_max, w, a, D, part);
+          }
+          break;
+        default:
+          if constexpr (kRowGroup >= 4) {
+            weighted_v_rows<DV, 4>(v, row_stride, nv_max, w, a, D, part);
+          }
+          break;
+      }
+    }
+  }
+  for (; fetched < bs; ++fetched) pf.row(fetched);  // what the V loops did not reach
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define JPAGED_ATTEND_AVX2 1
@@ -410,7 +536,10 @@ void attend_row8(const float* q, const float* k_rows, const float* v_rows, int64
 }
 #endif
 
-constexpr int64_t kPagesAhead = 4;  // pages fetched into L2 ahead of the one in use
+constexpr int64_t kPagesAhead = 4;  // pages fetched into L2 ahead of the one in use (bursts)
+// the same for the rows path, whose fetches are spread over the computing page (attention_ab.py,
+// bf16, Zen 4: 2 ahead 18.1 ms, 3 18.5, 4 19.7, 6 21.1; bursts of 4 ahead 25.7)
+constexpr int64_t kSpreadAhead = 2;
 
 // One (tile, kv head) item: G * Q query rows against the tile's context.
 void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<float>& scratch) {
@@ -471,6 +600,12 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
 #endif
   const int64_t num_pages = max_visible < 0 ? 0 : max_visible / bs + 1;
   const int32_t* table = p.block_tables + tile * p.width;
+  thread_local std::vector<int64_t> visible;  // per row: keys of the page it sees
+  visible.resize(static_cast<size_t>(rows));
+  const uint16_t* qb_rows = nullptr;  // bf16 queries for VDPBF16PS scores, if any
+#if defined(__AVX512BF16__)
+  if (!qb.empty()) qb_rows = qb.data();
+#endif
   const size_t token_stride = static_cast<size_t>(p.num_kv_heads * D) * p.kv_item;
   for (int64_t page = 0; page < num_pages && page < p.width; ++page) {
     const int64_t block = table[page];
@@ -480,9 +615,18 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
         p.pool + ((((p.layer * p.num_blocks + block) * 2 + 0) * bs) * p.num_kv_heads + kv_head) *
                      D * p.kv_item;
     const char* v_base = k_base + static_cast<size_t>(bs) * token_stride;
-    // pages are scattered: fetch the page kPagesAhead ahead into L2 (the first page: all of
-    // those up to it)
-    for (int64_t ahead = page == 0 ? 1 : kPagesAhead; ahead <= kPagesAhead; ++ahead) {
+    // Pages are scattered, so they are fetched into L2 ahead of use. The rows path (AVX-512, f32
+    // or bf16 pools, D = 64 / 128) fetches the page kSpreadAhead ahead a row per key of its V
+    // loop, and the first page the ones before it in a burst; otherwise the page kPagesAhead
+    // ahead goes in one burst (the first page: all of those up to it).
+#if defined(__AVX512F__)
+    const bool rows_path = (p.kv_dtype == ffi::DataType::BF16 || p.kv_dtype == ffi::DataType::F32) &&
+                           (D == 64 || D == 128);
+#else
+    const bool rows_path = false;
+#endif
+    const int64_t ahead_to = rows_path ? kSpreadAhead - 1 : kPagesAhead;
+    for (int64_t ahead = page == 0 ? 1 : ahead_to; ahead <= ahead_to; ++ahead) {
       const int64_t np = page + ahead;
       if (np >= num_pages || np >= p.width) break;
       const char* next = p.pool + ((((p.layer * p.num_blocks + table[np]) * 2 + 0) * bs) *
@@ -496,17 +640,32 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
       }
     }
 #if defined(__AVX512F__)
-    if (p.kv_dtype == ffi::DataType::BF16 && (D == 64 || D == 128)) {  // widened as read
-      const auto* k16 = reinterpret_cast<const uint16_t*>(k_base);
-      const auto* v16 = reinterpret_cast<const uint16_t*>(v_base);
-      const int64_t stride16 = static_cast<int64_t>(token_stride / 2);
-      auto* const row = D == 64 ? attend_row16<4, uint16_t> : attend_row16<8, uint16_t>;
+    if (rows_path) {  // bf16 rows are widened as read, f32 ones read in place
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t visible = std::min<int64_t>(n, static_cast<int64_t>(last_key[r]) - first + 1);
-        if (visible <= 0) continue;
-        const void* qbr = qb.empty() ? nullptr : qb.data() + r * D;
-        row(qf + r * D, k16, v16, stride16, n, visible, D, acc + r * D, row_max[r], denom[r],
-            qbr, p.scale);
+        visible[r] = std::clamp<int64_t>(static_cast<int64_t>(last_key[r]) - first + 1, 0, n);
+      }
+      PagePrefetch pf;
+      if (page + kSpreadAhead < std::min(num_pages, p.width)) {
+        pf.k = p.pool + ((((p.layer * p.num_blocks + table[page + kSpreadAhead]) * 2 + 0) * bs) *
+                             p.num_kv_heads + kv_head) * D * p.kv_item;
+        pf.v = pf.k + static_cast<size_t>(bs) * token_stride;
+        pf.stride = token_stride;
+        pf.row_bytes = static_cast<size_t>(D) * p.kv_item;
+      }
+      if (p.kv_dtype == ffi::DataType::BF16) {
+        const auto* k16 = reinterpret_cast<const uint16_t*>(k_base);
+        const auto* v16 = reinterpret_cast<const uint16_t*>(v_base);
+        const int64_t stride16 = static_cast<int64_t>(token_stride / 2);
+        auto* const group = D == 64 ? attend_rows16<4, uint16_t> : attend_rows16<8, uint16_t>;
+        group(rows, qf, qb_rows, k16, v16, stride16, n, visible.data(), acc, row_max, denom,
+              p.scale, pf, bs);
+      } else {
+        const auto* k32 = reinterpret_cast<const float*>(k_base);
+        const auto* v32 = reinterpret_cast<const float*>(v_base);
+        const int64_t stride32 = static_cast<int64_t>(token_stride / sizeof(float));
+        auto* const group = D == 64 ? attend_rows16<4, float> : attend_rows16<8, float>;
+        group(rows, qf, nullptr, k32, v32, stride32, n, visible.data(), acc, row_max, denom,
+              1.0f, pf, bs);
       }
       continue;
     }
