@@ -541,8 +541,21 @@ constexpr int64_t kPagesAhead = 4;  // pages fetched into L2 ahead of the one in
 // bf16, Zen 4: 2 ahead 18.1 ms, 3 18.5, 4 19.7, 6 21.1; bursts of 4 ahead 25.7)
 constexpr int64_t kSpreadAhead = 2;
 
-// One (tile, kv head) item: G * Q query rows against the tile's context.
-void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<float>& scratch) {
+// The keys an item's queries can see: up to its last query position (and the context).
+int64_t item_kv_end(const Problem& p, int64_t tile) {
+  int64_t last = -1;
+  for (int64_t qi = 0; qi < p.q_len; ++qi) {
+    last = std::max<int64_t>(last, p.q_positions[tile * p.q_len + qi]);
+  }
+  const int64_t seq_len = p.seq_lens[tile];
+  return std::min<int64_t>({last + 1, seq_len, p.width * p.block_size});
+}
+
+// One (tile, kv head) item: G * Q query rows against the tile's context. next_item: the item
+// this worker takes next (-1: none), whose first pages the rows path fetches while it
+// computes this one's last; head_fetched: this item's first pages were fetched that way.
+void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<float>& scratch,
+                 int64_t next_item, bool head_fetched) {
   const int64_t D = p.head_dim, Q = p.q_len, G = p.num_heads / p.num_kv_heads;
   const int64_t rows = Q * G, bs = p.block_size;
   // scratch: queries [rows, D], acc [rows, D], max [rows], denom [rows], pos [rows],
@@ -626,7 +639,8 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
     const bool rows_path = false;
 #endif
     const int64_t ahead_to = rows_path ? kSpreadAhead - 1 : kPagesAhead;
-    for (int64_t ahead = page == 0 ? 1 : ahead_to; ahead <= ahead_to; ++ahead) {
+    const int64_t ahead_from = page > 0 ? ahead_to : rows_path && head_fetched ? ahead_to + 1 : 1;
+    for (int64_t ahead = ahead_from; ahead <= ahead_to; ++ahead) {
       const int64_t np = page + ahead;
       if (np >= num_pages || np >= p.width) break;
       const char* next = p.pool + ((((p.layer * p.num_blocks + table[np]) * 2 + 0) * bs) *
@@ -644,10 +658,21 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
       for (int64_t r = 0; r < rows; ++r) {
         visible[r] = std::clamp<int64_t>(static_cast<int64_t>(last_key[r]) - first + 1, 0, n);
       }
-      PagePrefetch pf;
-      if (page + kSpreadAhead < std::min(num_pages, p.width)) {
-        pf.k = p.pool + ((((p.layer * p.num_blocks + table[page + kSpreadAhead]) * 2 + 0) * bs) *
-                             p.num_kv_heads + kv_head) * D * p.kv_item;
+      PagePrefetch pf;  // this item's page kSpreadAhead on, or past its end the next item's
+      const int64_t target = page + kSpreadAhead, pages = std::min(num_pages, p.width);
+      int64_t pf_block = -1, pf_head = kv_head;
+      if (target < pages) {
+        pf_block = table[target];
+      } else if (next_item >= 0) {
+        const int64_t next_tile = next_item / p.num_kv_heads;
+        if (target - pages < (item_kv_end(p, next_tile) + bs - 1) / bs) {
+          pf_block = p.block_tables[next_tile * p.width + target - pages];
+          pf_head = next_item % p.num_kv_heads;
+        }
+      }
+      if (pf_block >= 0) {
+        pf.k = p.pool + ((((p.layer * p.num_blocks + pf_block) * 2 + 0) * bs) * p.num_kv_heads +
+                         pf_head) * D * p.kv_item;
         pf.v = pf.k + static_cast<size_t>(bs) * token_stride;
         pf.stride = token_stride;
         pf.row_bytes = static_cast<size_t>(D) * p.kv_item;
@@ -773,15 +798,6 @@ struct KvRows {
   }
 };
 
-// The keys an item's queries can see: up to its last query position (and the context).
-int64_t item_kv_end(const Problem& p, int64_t tile) {
-  int64_t last = -1;
-  for (int64_t qi = 0; qi < p.q_len; ++qi) {
-    last = std::max<int64_t>(last, p.q_positions[tile * p.q_len + qi]);
-  }
-  const int64_t seq_len = p.seq_lens[tile];
-  return std::min<int64_t>({last + 1, seq_len, p.width * p.block_size});
-}
 
 #if defined(JPAGED_HAVE_AMX)
 // ---- bf16 queries over a bf16 pool on AMX tiles ----------------------------------------
@@ -1167,6 +1183,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer q,
     }
     // Each worker claims its next item before it starts the current one, so the AMX path can
     // prefetch that item's first keys while it finishes this one.
+    bool head_fetched = false;  // by the item before, in this worker
     for (int64_t i = next.fetch_add(1); i < num_items;) {
       const int64_t j = next.fetch_add(1);
       const int64_t tile = i / p.num_kv_heads, kv_head = i % p.num_kv_heads;
@@ -1178,7 +1195,9 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer q,
         }
         attend_item_amx(p, tile, kv_head, *tiles, ahead ? &*ahead : nullptr);
       } else {
-        attend_item(p, tile, kv_head, scratch);
+        attend_item(p, tile, kv_head, scratch, j < num_items ? j : -1, head_fetched);
+        // its last kSpreadAhead pages fetched item j's first ones (see attend_item)
+        head_fetched = item_kv_end(p, tile) > (kSpreadAhead - 1) * p.block_size;
       }
       i = j;
     }
