@@ -16,8 +16,7 @@
 
 #if defined(JPAGED_BF16_AVX2)
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#define JPAGED_BF16_DPBF16 1
+#if defined(JPAGED_BF16_DPBF16)  // defined in linear_cpu.cc
 constexpr int64_t kRowsAvx2 = 14;    // rows of y per micro block (VDPBF16PS: both tiles)
 #else
 constexpr int64_t kRowsAvx2 = 6;     // rows of y per micro block
@@ -207,6 +206,7 @@ void argmax_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int
   }
 }
 
+#if !defined(JPAGED_BF16_DPBF16)  // else the 16-wide ones of linear_cpu.cc
 void write_swiglu_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int64_t n0) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* src = c + r * 2 * kTileN;
@@ -236,6 +236,7 @@ void write_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int6
     for (; j < cols; ++j) dst[j] = jpaged::f32_to_bf16(src[j]);
   }
 }
+#endif
 
 // Panels [begin, end) (32 columns each) for every row, in groups of kGroupAvx2 rows.
 void panels(const Problem& p, int64_t begin, int64_t end) {

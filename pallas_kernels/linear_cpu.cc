@@ -69,6 +69,55 @@ struct Problem {
 };
 #endif
 
+#if defined(JPAGED_BF16_AVX2) && defined(__AVX512BF16__) && defined(__AVX512F__)
+#define JPAGED_BF16_DPBF16 1  // AVX512-BF16 without AMX: VDPBF16PS (linear_avx2.h)
+#endif
+
+#if defined(JPAGED_HAVE_AMX) || defined(JPAGED_BF16_DPBF16)
+// The bf16 epilogues, 16 columns at a time (the AVX2-only build has 8-wide ones in
+// linear_avx2.h): c holds `rows` rows x 32 columns of f32 results (row stride 32).
+inline __m512 silu16(__m512 g);
+inline __m512 bf16_bits_to_f32(__m256i h);
+inline __m256i to_bf16(__m512 v);
+
+// SwiGLU's epilogue: the block's two tiles hold gate and up for the same 16 columns of y.
+// Rounds as the unfused path does (gate|up written as bf16 by the same instruction, then
+// silu_mul's roundings: silu to bf16, then the product).
+void write_swiglu_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int64_t n0) {
+  const int64_t cols = std::min<int64_t>(kTileN, p.n - n0);
+  const __mmask16 m = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = c + r * 2 * kTileN;
+    __m512bh gh = _mm512_cvtne2ps_pbh(_mm512_load_ps(src + kTileN), _mm512_load_ps(src));
+    const __m512i both = reinterpret_cast<__m512i&>(gh);  // gate in the low 16, up in the high
+    const __m512 g = bf16_bits_to_f32(_mm512_castsi512_si256(both));
+    const __m512 u = bf16_bits_to_f32(_mm512_extracti64x4_epi64(both, 1));
+    const __m512 sg = bf16_bits_to_f32(to_bf16(silu16(g)));
+    uint16_t* dst = static_cast<uint16_t*>(p.out) + (m0 + r) * p.n + n0;
+    _mm256_mask_storeu_epi16(dst, m, to_bf16(_mm512_mul_ps(sg, u)));
+  }
+}
+
+void write_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int64_t n0) {
+  const int64_t cols = std::min<int64_t>(2 * kTileN, p.n - n0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = c + r * 2 * kTileN;
+    if (p.out_f32) {
+      std::memcpy(static_cast<float*>(p.out) + (m0 + r) * p.n + n0, src, cols * sizeof(float));
+    } else {
+      uint16_t* dst = static_cast<uint16_t*>(p.out) + (m0 + r) * p.n + n0;
+      if (cols == 2 * kTileN) {  // round to nearest even, 32 at a time
+        __m512bh v = _mm512_cvtne2ps_pbh(_mm512_load_ps(src + kTileN), _mm512_load_ps(src));
+        _mm512_storeu_si512(dst, reinterpret_cast<__m512i&>(v));
+      } else {
+        for (int64_t j = 0; j < cols; ++j) dst[j] = jpaged::f32_to_bf16(src[j]);
+      }
+    }
+  }
+}
+
+#endif
+
 #include "linear_avx2.h"
 
 #if defined(JPAGED_HAVE_AMX)
@@ -105,48 +154,6 @@ void argmax_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int
     const int64_t j = in_a ? __builtin_ctz(in_a) : 16 + __builtin_ctz(_mm512_cmp_ps_mask(b, tv, _CMP_EQ_OQ));
     p.best[row] = top;
     p.best_id[row] = static_cast<int32_t>(n0 + j);
-  }
-}
-
-#if defined(__AVX512F__)
-inline __m512 silu16(__m512 g);
-inline __m512 bf16_bits_to_f32(__m256i h);
-inline __m256i to_bf16(__m512 v);
-#endif
-
-// SwiGLU's epilogue: the block's two tiles hold gate and up for the same 16 columns of y.
-// Rounds as the unfused path does (gate|up written as bf16 by the same instruction, then
-// silu_mul's roundings: silu to bf16, then the product).
-void write_swiglu_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int64_t n0) {
-  const int64_t cols = std::min<int64_t>(kTileN, p.n - n0);
-  const __mmask16 m = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* src = c + r * 2 * kTileN;
-    __m512bh gh = _mm512_cvtne2ps_pbh(_mm512_load_ps(src + kTileN), _mm512_load_ps(src));
-    const __m512i both = reinterpret_cast<__m512i&>(gh);  // gate in the low 16, up in the high
-    const __m512 g = bf16_bits_to_f32(_mm512_castsi512_si256(both));
-    const __m512 u = bf16_bits_to_f32(_mm512_extracti64x4_epi64(both, 1));
-    const __m512 sg = bf16_bits_to_f32(to_bf16(silu16(g)));
-    uint16_t* dst = static_cast<uint16_t*>(p.out) + (m0 + r) * p.n + n0;
-    _mm256_mask_storeu_epi16(dst, m, to_bf16(_mm512_mul_ps(sg, u)));
-  }
-}
-
-void write_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int64_t n0) {
-  const int64_t cols = std::min<int64_t>(2 * kTileN, p.n - n0);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* src = c + r * 2 * kTileN;
-    if (p.out_f32) {
-      std::memcpy(static_cast<float*>(p.out) + (m0 + r) * p.n + n0, src, cols * sizeof(float));
-    } else {
-      uint16_t* dst = static_cast<uint16_t*>(p.out) + (m0 + r) * p.n + n0;
-      if (cols == 2 * kTileN) {  // round to nearest even, 32 at a time
-        __m512bh v = _mm512_cvtne2ps_pbh(_mm512_load_ps(src + kTileN), _mm512_load_ps(src));
-        _mm512_storeu_si512(dst, reinterpret_cast<__m512i&>(v));
-      } else {
-        for (int64_t j = 0; j < cols; ++j) dst[j] = jpaged::f32_to_bf16(src[j]);
-      }
-    }
   }
 }
 
