@@ -181,6 +181,7 @@ void rows_bf16(const Problem& p, int64_t m0, int64_t rows, int64_t nb, float* c)
 }
 #endif  // JPAGED_BF16_DPBF16
 
+#if !defined(JPAGED_BF16_DPBF16)  // else the 16-wide ones of linear_cpu.cc
 // The epilogues, as the AMX ones: c holds `rows` rows x 32 columns (row stride 32).
 void argmax_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int64_t n0) {
   const int64_t cols = std::min<int64_t>(2 * kTileN, p.n - n0);
@@ -206,7 +207,6 @@ void argmax_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int
   }
 }
 
-#if !defined(JPAGED_BF16_DPBF16)  // else the 16-wide ones of linear_cpu.cc
 void write_swiglu_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int64_t n0) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* src = c + r * 2 * kTileN;

@@ -80,6 +80,39 @@ inline __m512 silu16(__m512 g);
 inline __m512 bf16_bits_to_f32(__m256i h);
 inline __m256i to_bf16(__m512 v);
 
+// Folds a block's f32 results into the worker's per-row first maximum. Columns reach a row in
+// increasing order within a worker, so a later equal value never replaces the held one.
+void argmax_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int64_t n0) {
+  const int64_t cols = std::min<int64_t>(2 * kTileN, p.n - n0);
+  const __mmask16 m_lo = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m_hi =
+      cols >= 32 ? 0xffff : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = m0 + r;
+    const float* src = c + r * 2 * kTileN;
+    const __m512 a = _mm512_mask_loadu_ps(ninf, m_lo, src);
+    const __m512 b = _mm512_mask_loadu_ps(ninf, m_hi, src + kTileN);
+    if (_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q)) {
+      p.has_nan[row] = 1;
+      continue;
+    }
+    const __m512 held = _mm512_set1_ps(p.best[row]);
+    const bool first = p.best_id[row] == std::numeric_limits<int32_t>::max();
+    const bool any = first ? (_mm512_cmp_ps_mask(a, held, _CMP_GE_OQ) |
+                              _mm512_cmp_ps_mask(b, held, _CMP_GE_OQ)) != 0
+                           : (_mm512_cmp_ps_mask(a, held, _CMP_GT_OQ) |
+                              _mm512_cmp_ps_mask(b, held, _CMP_GT_OQ)) != 0;
+    if (!any) continue;
+    const float top = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+    const __m512 tv = _mm512_set1_ps(top);
+    const __mmask16 in_a = _mm512_cmp_ps_mask(a, tv, _CMP_EQ_OQ);
+    const int64_t j = in_a ? __builtin_ctz(in_a) : 16 + __builtin_ctz(_mm512_cmp_ps_mask(b, tv, _CMP_EQ_OQ));
+    p.best[row] = top;
+    p.best_id[row] = static_cast<int32_t>(n0 + j);
+  }
+}
+
 // SwiGLU's epilogue: the block's two tiles hold gate and up for the same 16 columns of y.
 // Rounds as the unfused path does (gate|up written as bf16 by the same instruction, then
 // silu_mul's roundings: silu to bf16, then the product).
@@ -123,39 +156,6 @@ void write_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int6
 #if defined(JPAGED_HAVE_AMX)
 using jpaged::amx_permitted;
 using jpaged::configure_tiles;
-
-// Folds a block's f32 results into the worker's per-row first maximum. Columns reach a row in
-// increasing order within a worker, so a later equal value never replaces the held one.
-void argmax_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int64_t n0) {
-  const int64_t cols = std::min<int64_t>(2 * kTileN, p.n - n0);
-  const __mmask16 m_lo = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
-  const __mmask16 m_hi =
-      cols >= 32 ? 0xffff : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
-  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t row = m0 + r;
-    const float* src = c + r * 2 * kTileN;
-    const __m512 a = _mm512_mask_loadu_ps(ninf, m_lo, src);
-    const __m512 b = _mm512_mask_loadu_ps(ninf, m_hi, src + kTileN);
-    if (_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q)) {
-      p.has_nan[row] = 1;
-      continue;
-    }
-    const __m512 held = _mm512_set1_ps(p.best[row]);
-    const bool first = p.best_id[row] == std::numeric_limits<int32_t>::max();
-    const bool any = first ? (_mm512_cmp_ps_mask(a, held, _CMP_GE_OQ) |
-                              _mm512_cmp_ps_mask(b, held, _CMP_GE_OQ)) != 0
-                           : (_mm512_cmp_ps_mask(a, held, _CMP_GT_OQ) |
-                              _mm512_cmp_ps_mask(b, held, _CMP_GT_OQ)) != 0;
-    if (!any) continue;
-    const float top = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
-    const __m512 tv = _mm512_set1_ps(top);
-    const __mmask16 in_a = _mm512_cmp_ps_mask(a, tv, _CMP_EQ_OQ);
-    const int64_t j = in_a ? __builtin_ctz(in_a) : 16 + __builtin_ctz(_mm512_cmp_ps_mask(b, tv, _CMP_EQ_OQ));
-    p.best[row] = top;
-    p.best_id[row] = static_cast<int32_t>(n0 + j);
-  }
-}
 
 // Stores the accumulator tiles 0 / 1 (and 2 / 3 when `two`) into c, 32 rows x 32 columns
 // (row stride 32); returns how many of those rows are y's (m0 onwards).
