@@ -239,12 +239,12 @@ void write_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int6
 #endif
 
 // Panels [begin, end) (32 columns each) for every row, in groups of kGroupAvx2 rows.
-// groups: [first, last) of them (all by default).
+// Row groups [first_group, last_group) only (all by default).
 void panels(const Problem& p, int64_t begin, int64_t end, int64_t first_group = 0,
-            int64_t last_group = INT64_MAX) {
+            int64_t last_group = -1) {
   alignas(64) float c[kRowsAvx2 * 2 * kTileN];
   [[maybe_unused]] const int64_t panel_bytes = 2 * p.kb * kTileElems * 2;
-  const int64_t rows_end = std::min(p.m, last_group == INT64_MAX ? p.m : last_group * kGroupAvx2);
+  const int64_t rows_end = last_group < 0 ? p.m : std::min(p.m, last_group * kGroupAvx2);
   for (int64_t g0 = first_group * kGroupAvx2; g0 < rows_end; g0 += kGroupAvx2) {
     const int64_t g1 = std::min(p.m, g0 + kGroupAvx2);
     for (int64_t i = begin; i < end; ++i) {

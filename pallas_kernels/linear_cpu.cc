@@ -412,9 +412,12 @@ void rows_f32(const ProblemF32& p, int64_t m0, int64_t rows, int64_t j, const ch
 // panel streamed from memory once per group and reused from L2 by its strips. While
 // the later strips compute from L2, they prefetch the next panel (a share each), so its
 // first strip does not wait on memory.
-void panels_f32(const ProblemF32& p, int64_t begin, int64_t end) {
+// Row groups [first_group, last_group) only.
+void panels_f32(const ProblemF32& p, int64_t begin, int64_t end, int64_t first_group,
+                int64_t last_group) {
   const int64_t panel_bytes = p.k * kPanelF32 * sizeof(float);
-  for (int64_t g0 = 0; g0 < p.m; g0 += kGroupRows) {
+  const int64_t rows_end = std::min(p.m, last_group * kGroupRows);
+  for (int64_t g0 = first_group * kGroupRows; g0 < rows_end; g0 += kGroupRows) {
     const int64_t g1 = std::min(p.m, g0 + kGroupRows);
     const int64_t strips = (g1 - g0 + kMaxRowsF32 - 1) / kMaxRowsF32;
     for (int64_t j = begin; j < end; ++j) {
@@ -449,6 +452,29 @@ void parallel_panels(ffi::ThreadPool& thread_pool, int64_t num_items, Fn fn,
   });
 }
 
+// fn(begin, end, first_group, last_group) over num_items panels for `groups` row groups. One
+// group: parallel_panels. More (prefill sizes): (group, panel) units, group by group, claimed
+// in runs of at most a quarter of a group's panels; runs of panels for every group made the
+// last runs long (ms) and one core waited for the other at the end of each call.
+template <typename Fn>
+void parallel_group_panels(ffi::ThreadPool& thread_pool, int64_t num_items, int64_t groups,
+                           Fn fn) {
+  if (groups <= 1) {
+    parallel_panels(thread_pool, num_items, [&fn](int64_t b, int64_t e) { fn(b, e, 0, 1); });
+    return;
+  }
+  parallel_panels(
+      thread_pool, groups * num_items,
+      [&fn, num_items](int64_t b, int64_t e) {
+        for (int64_t u = b; u < e;) {
+          const int64_t g = u / num_items, stop = std::min(e, (g + 1) * num_items);
+          fn(u - g * num_items, stop - g * num_items, g, g + 1);
+          u = stop;
+        }
+      },
+      std::max<int64_t>(1, num_items / 4));
+}
+
 // The rows to compute, rows[0] clamped to [0, m]; zeroes y's rows from there to m.
 int64_t live_rows(const ffi::Buffer<ffi::S32>& rows, int64_t m, int64_t n, size_t item, void* out) {
   const int64_t live = std::clamp<int64_t>(rows.typed_data()[0], 0, m);
@@ -478,7 +504,12 @@ ffi::Error LinearF32Impl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x,
   p.w = w.typed_data() + l * p.np * p.k * kPanelF32;
   p.out = out->typed_data();
   p.m = live_rows(rows, xd[0], p.n, sizeof(float), p.out);
-  if (p.m > 0) parallel_panels(thread_pool, p.np, [&p](int64_t b, int64_t e) { panels_f32(p, b, e); });
+  if (p.m > 0) {
+    parallel_group_panels(thread_pool, p.np, (p.m + kGroupRows - 1) / kGroupRows,
+                          [&p](int64_t b, int64_t e, int64_t g0, int64_t g1) {
+                            panels_f32(p, b, e, g0, g1);
+                          });
+  }
   return ffi::Error::Success();
 #else
   return ffi::Error::Internal("linear_f32: built for a CPU without AVX-512 or AVX2 + FMA");
@@ -564,24 +595,8 @@ ffi::Error LinearAmxImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer x, ffi::Any
   });
 #else
   widen_x(static_cast<const uint16_t*>(x.untyped_data()), xd[1], p);
-  const int64_t groups = (p.m + kGroupAvx2 - 1) / kGroupAvx2, np = p.nb / 2;
-  if (groups == 1) {
-    parallel_panels(thread_pool, np, [&p](int64_t b, int64_t e) { panels(p, b, e); });
-  } else {
-    // (group, panel) units, group by group, in runs of at most a quarter of a group's panels:
-    // a panel of every group per unit made the last units long (up to ms at prefill sizes),
-    // and one core waited for the other at the end of each call
-    parallel_panels(
-        thread_pool, groups * np,
-        [&p, np](int64_t b, int64_t e) {
-          for (int64_t u = b; u < e;) {
-            const int64_t g = u / np, stop = std::min(e, (g + 1) * np);
-            panels(p, u - g * np, stop - g * np, g, g + 1);
-            u = stop;
-          }
-        },
-        std::max<int64_t>(1, np / 4));
-  }
+  parallel_group_panels(thread_pool, p.nb / 2, (p.m + kGroupAvx2 - 1) / kGroupAvx2,
+                        [&p](int64_t b, int64_t e, int64_t g0, int64_t g1) { panels(p, b, e, g0, g1); });
 #endif
   return ffi::Error::Success();
 #else
