@@ -303,43 +303,25 @@ inline void row_weights16(const float* q, const T* k_rows, int64_t row_stride, i
   denom += _mm512_reduce_add_ps(e);
 }
 
-// One f32 query row (scaled) against one page's keys [0, n), of which [0, visible) are
-// visible to it, folded into its online softmax (acc [D], row_max, denom), 16 keys at a time
-// (row_weights16, then the weighted V rows added into acc). Replaces a scalar exp per key and
-// a horizontal sum per dot product, which made the multi-row items of prefill chunks and
-// verify steps compute-bound. DV, qb, scale: as row_weights16.
-template <int DV, typename T = float>
-void attend_row16(const float* q, const T* k_rows, const T* v_rows, int64_t row_stride,
-                  int64_t n, int64_t visible, int64_t d_runtime, float* acc, float& row_max,
-                  float& denom, const void* qb = nullptr, float scale = 1.0f) {
-  const int64_t nvec = DV > 0 ? DV : d_runtime / 16;
+// One f32 query row (scaled) against one page's f32 keys [0, n), of which [0, visible) are
+// visible to it, folded into its online softmax (acc [d], row_max, denom), 16 keys at a time:
+// row_weights16, then the weighted V rows added into acc. For a head_dim d (a multiple of 16)
+// known only at run time; D = 64 / 128 go through attend_rows16.
+void attend_row16(const float* q, const float* k_rows, const float* v_rows, int64_t row_stride,
+                  int64_t n, int64_t visible, int64_t d, float* acc, float& row_max,
+                  float& denom) {
   alignas(64) float w[16];
   for (int64_t t0 = 0; t0 < visible; t0 += 16) {
     const int64_t nk = std::min<int64_t>(16, n - t0);
     const int64_t nv = std::min<int64_t>(16, visible - t0);
-    row_weights16<DV, T>(q, k_rows, row_stride, t0, nk, nv, d_runtime, acc, row_max, denom, qb,
-                         scale, w);
-    if constexpr (DV > 0) {
-      __m512 a[DV];
-#pragma GCC unroll 16
-      for (int i = 0; i < DV; ++i) a[i] = _mm512_loadu_ps(acc + 16 * i);
+    row_weights16<0>(q, k_rows, row_stride, t0, nk, nv, d, acc, row_max, denom, nullptr, 1.0f, w);
+    for (int64_t i = 0; i < d / 16; ++i) {
+      __m512 a = _mm512_loadu_ps(acc + 16 * i);
       for (int64_t t = 0; t < nv; ++t) {
-        const __m512 wt = _mm512_set1_ps(w[t]);
-        const T* v = v_rows + (t0 + t) * row_stride;
-#pragma GCC unroll 16
-        for (int i = 0; i < DV; ++i) a[i] = _mm512_fmadd_ps(wt, load16(v + 16 * i), a[i]);
+        a = _mm512_fmadd_ps(_mm512_set1_ps(w[t]), load16(v_rows + (t0 + t) * row_stride + 16 * i),
+                            a);
       }
-#pragma GCC unroll 16
-      for (int i = 0; i < DV; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
-    } else {
-      for (int64_t i = 0; i < nvec; ++i) {
-        __m512 a = _mm512_loadu_ps(acc + 16 * i);
-        for (int64_t t = 0; t < nv; ++t) {
-          a = _mm512_fmadd_ps(_mm512_set1_ps(w[t]),
-                              load16(v_rows + (t0 + t) * row_stride + 16 * i), a);
-        }
-        _mm512_storeu_ps(acc + 16 * i, a);
-      }
+      _mm512_storeu_ps(acc + 16 * i, a);
     }
   }
 }
@@ -362,8 +344,8 @@ struct PagePrefetch {
 };
 
 // V rows t .. t + nv - 1 weighted into RG accumulator rows at once: each V row is loaded (and
-// widened) once for the RG rows; acc_r += w_r[t] v_t in the same order as attend_row16, and
-// a weight of 0 (a key past the row's causal limit, a real finite row) adds +-0.
+// widened) once for the RG rows; acc_r += w_r[t] v_t key by key, and a weight of 0 (a key
+// past the row's causal limit, a real finite row) adds +-0.
 // pf: the rows t of a later page to fetch alongside (see PagePrefetch).
 template <int DV, int RG, typename T>
 inline void weighted_v_rows(const T* v_rows, int64_t row_stride, int64_t nv, const float* w,
@@ -394,9 +376,10 @@ inline void weighted_v_rows(const T* v_rows, int64_t row_stride, int64_t nv, con
   }
 }
 
-// Rows [0, rows) of an item against one page's keys [0, n) (DV > 0): each row's softmax half
-// as attend_row16's, then the V rows once for up to kRowGroup rows at a time rather than once
-// per row (decode: the G query heads of a kv head). Same bits as attend_row16 per row.
+// Rows [0, rows) of an item against one page's keys [0, n) (D = 16 DV = 64 / 128): each row's
+// softmax half (row_weights16), then the V rows once for up to kRowGroup rows at a time rather
+// than once per row (decode: the G query heads of a kv head). A row gets the same bits
+// whatever rows share its item (a verify step's drafts equal plain decoding).
 // visible[r]: keys [0, visible[r]) of the page are visible to row r (<= n).
 // pf: a later page (bs rows), fetched a row per key of this one's V loop.
 template <int DV, typename T>
@@ -554,7 +537,8 @@ int64_t item_kv_end(const Problem& p, int64_t tile) {
 // One (tile, kv head) item: G * Q query rows against the tile's context. next_item: the item
 // this worker takes next (-1: none), whose first pages the rows path fetches while it
 // computes this one's last; head_fetched: this item's first pages were fetched that way.
-void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<float>& scratch,
+// Returns whether it fetched all of next_item's first kSpreadAhead pages.
+bool attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<float>& scratch,
                  int64_t next_item, bool head_fetched) {
   const int64_t D = p.head_dim, Q = p.q_len, G = p.num_heads / p.num_kv_heads;
   const int64_t rows = Q * G, bs = p.block_size;
@@ -588,9 +572,7 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
   }
   std::fill(acc, acc + rows * D, 0.0f);
 
-#if defined(__AVX512F__)
-  auto* const row16 = D == 64 ? attend_row16<4> : D == 128 ? attend_row16<8> : attend_row16<0>;
-#elif defined(JPAGED_ATTEND_AVX2)
+#if defined(JPAGED_ATTEND_AVX2)
   auto* const row8 = D == 64 ? attend_row8<8> : D == 128 ? attend_row8<16> : attend_row8<0>;
 #endif
 #if defined(__AVX512BF16__)
@@ -620,7 +602,21 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
   if (!qb.empty()) qb_rows = qb.data();
 #endif
   const size_t token_stride = static_cast<size_t>(p.num_kv_heads * D) * p.kv_item;
-  for (int64_t page = 0; page < num_pages && page < p.width; ++page) {
+  const size_t row_bytes = static_cast<size_t>(D) * p.kv_item;
+  // The rows path (attend_rows16): AVX-512 and D = 64 / 128. Pages are scattered, so they are
+  // fetched into L2 ahead of use: where the rows path reads them in place (f32, bf16), the page
+  // kSpreadAhead ahead a row per key of its V loop, and the first page the ones before it in a
+  // burst; otherwise the page kPagesAhead ahead in one burst (the first page: all up to it).
+#if defined(__AVX512F__)
+  const bool rows_path = D == 64 || D == 128;
+#else
+  const bool rows_path = false;
+#endif
+  const bool spread =
+      rows_path && (p.kv_dtype == ffi::DataType::BF16 || p.kv_dtype == ffi::DataType::F32);
+  const int64_t pages = std::min(num_pages, p.width);
+  int64_t next_head_fetched = 0;  // of next_item's first kSpreadAhead pages
+  for (int64_t page = 0; page < pages; ++page) {
     const int64_t block = table[page];
     const int64_t first = page * bs;
     const int64_t n = std::min<int64_t>(bs, max_visible + 1 - first);
@@ -628,24 +624,13 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
         p.pool + ((((p.layer * p.num_blocks + block) * 2 + 0) * bs) * p.num_kv_heads + kv_head) *
                      D * p.kv_item;
     const char* v_base = k_base + static_cast<size_t>(bs) * token_stride;
-    // Pages are scattered, so they are fetched into L2 ahead of use. The rows path (AVX-512, f32
-    // or bf16 pools, D = 64 / 128) fetches the page kSpreadAhead ahead a row per key of its V
-    // loop, and the first page the ones before it in a burst; otherwise the page kPagesAhead
-    // ahead goes in one burst (the first page: all of those up to it).
-#if defined(__AVX512F__)
-    const bool rows_path = (p.kv_dtype == ffi::DataType::BF16 || p.kv_dtype == ffi::DataType::F32) &&
-                           (D == 64 || D == 128);
-#else
-    const bool rows_path = false;
-#endif
-    const int64_t ahead_to = rows_path ? kSpreadAhead - 1 : kPagesAhead;
-    const int64_t ahead_from = page > 0 ? ahead_to : rows_path && head_fetched ? ahead_to + 1 : 1;
+    const int64_t ahead_to = spread ? kSpreadAhead - 1 : kPagesAhead;
+    const int64_t ahead_from = page > 0 ? ahead_to : spread && head_fetched ? ahead_to + 1 : 1;
     for (int64_t ahead = ahead_from; ahead <= ahead_to; ++ahead) {
       const int64_t np = page + ahead;
-      if (np >= num_pages || np >= p.width) break;
+      if (np >= pages) break;
       const char* next = p.pool + ((((p.layer * p.num_blocks + table[np]) * 2 + 0) * bs) *
                                        p.num_kv_heads + kv_head) * D * p.kv_item;
-      const size_t row_bytes = static_cast<size_t>(D) * p.kv_item;
       for (int64_t t = 0; t < bs; ++t) {
         for (size_t b = 0; b < row_bytes; b += 64) {
           _mm_prefetch(next + t * token_stride + b, _MM_HINT_T1);
@@ -653,21 +638,36 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
         }
       }
     }
+    // f32 pools are read in place, bf16 ones in the rows path widened as read; other dtypes
+    // are converted into kf / vf first
+    const bool direct = p.kv_dtype == ffi::DataType::F32;
+    const bool widened = rows_path && p.kv_dtype == ffi::DataType::BF16;
+    const int64_t pool_stride = static_cast<int64_t>(token_stride / p.kv_item);  // elements
+    const int64_t row_stride = direct ? pool_stride : D;
+    const float* k_rows = direct ? reinterpret_cast<const float*>(k_base) : kf;
+    const float* v_rows = direct ? reinterpret_cast<const float*>(v_base) : vf;
+    if (!direct && !widened) {
+      for (int64_t t = 0; t < n; ++t) {
+        load_row(k_base + t * token_stride, p.kv_dtype, static_cast<int>(D), kf + t * D);
+        load_row(v_base + t * token_stride, p.kv_dtype, static_cast<int>(D), vf + t * D);
+      }
+    }
 #if defined(__AVX512F__)
-    if (rows_path) {  // bf16 rows are widened as read, f32 ones read in place
+    if (rows_path) {
       for (int64_t r = 0; r < rows; ++r) {
         visible[r] = std::clamp<int64_t>(static_cast<int64_t>(last_key[r]) - first + 1, 0, n);
       }
       PagePrefetch pf;  // this item's page kSpreadAhead on, or past its end the next item's
-      const int64_t target = page + kSpreadAhead, pages = std::min(num_pages, p.width);
+      const int64_t target = page + kSpreadAhead;
       int64_t pf_block = -1, pf_head = kv_head;
-      if (target < pages) {
+      if (spread && target < pages) {
         pf_block = table[target];
-      } else if (next_item >= 0) {
+      } else if (spread && next_item >= 0) {
         const int64_t next_tile = next_item / p.num_kv_heads;
         if (target - pages < (item_kv_end(p, next_tile) + bs - 1) / bs) {
           pf_block = p.block_tables[next_tile * p.width + target - pages];
           pf_head = next_item % p.num_kv_heads;
+          ++next_head_fetched;
         }
       }
       if (pf_block >= 0) {
@@ -675,44 +675,29 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
                          pf_head) * D * p.kv_item;
         pf.v = pf.k + static_cast<size_t>(bs) * token_stride;
         pf.stride = token_stride;
-        pf.row_bytes = static_cast<size_t>(D) * p.kv_item;
+        pf.row_bytes = row_bytes;
       }
-      if (p.kv_dtype == ffi::DataType::BF16) {
+      if (widened) {
         const auto* k16 = reinterpret_cast<const uint16_t*>(k_base);
         const auto* v16 = reinterpret_cast<const uint16_t*>(v_base);
-        const int64_t stride16 = static_cast<int64_t>(token_stride / 2);
         auto* const group = D == 64 ? attend_rows16<4, uint16_t> : attend_rows16<8, uint16_t>;
-        group(rows, qf, qb_rows, k16, v16, stride16, n, visible.data(), acc, row_max, denom,
+        group(rows, qf, qb_rows, k16, v16, pool_stride, n, visible.data(), acc, row_max, denom,
               p.scale, pf, bs);
       } else {
-        const auto* k32 = reinterpret_cast<const float*>(k_base);
-        const auto* v32 = reinterpret_cast<const float*>(v_base);
-        const int64_t stride32 = static_cast<int64_t>(token_stride / sizeof(float));
         auto* const group = D == 64 ? attend_rows16<4, float> : attend_rows16<8, float>;
-        group(rows, qf, nullptr, k32, v32, stride32, n, visible.data(), acc, row_max, denom,
-              1.0f, pf, bs);
+        group(rows, qf, nullptr, k_rows, v_rows, row_stride, n, visible.data(), acc, row_max,
+              denom, 1.0f, pf, bs);
       }
       continue;
     }
 #endif
-    // f32 pools are read in place; other dtypes are converted into kf / vf first
-    const bool direct = p.kv_dtype == ffi::DataType::F32;
-    const int64_t row_stride = direct ? static_cast<int64_t>(token_stride / sizeof(float)) : D;
-    const float* k_rows = direct ? reinterpret_cast<const float*>(k_base) : kf;
-    const float* v_rows = direct ? reinterpret_cast<const float*>(v_base) : vf;
-    if (!direct) {
-      for (int64_t t = 0; t < n; ++t) {
-        load_row(k_base + t * token_stride, p.kv_dtype, static_cast<int>(D), kf + t * D);
-        load_row(v_base + t * token_stride, p.kv_dtype, static_cast<int>(D), vf + t * D);
-      }
-    }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t visible = std::min<int64_t>(n, static_cast<int64_t>(last_key[r]) - first + 1);
       if (visible <= 0) continue;
 #if defined(__AVX512F__)
       if (D % 16 == 0) {
-        row16(qf + r * D, k_rows, v_rows, row_stride, n, visible, D, acc + r * D, row_max[r],
-              denom[r], nullptr, 1.0f);
+        attend_row16(qf + r * D, k_rows, v_rows, row_stride, n, visible, D, acc + r * D,
+                     row_max[r], denom[r]);
         continue;
       }
 #elif defined(JPAGED_ATTEND_AVX2)
@@ -755,6 +740,7 @@ void attend_item(const Problem& p, int64_t tile, int64_t kv_head, std::vector<fl
       store_row(a, p.q_dtype, static_cast<int>(D), dst);
     }
   }
+  return next_head_fetched == kSpreadAhead;
 }
 
 constexpr int64_t kKeys = 32;  // keys per block (AMX path)
@@ -1195,9 +1181,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool thread_pool, ffi::AnyBuffer q,
         }
         attend_item_amx(p, tile, kv_head, *tiles, ahead ? &*ahead : nullptr);
       } else {
-        attend_item(p, tile, kv_head, scratch, j < num_items ? j : -1, head_fetched);
-        // its last kSpreadAhead pages fetched item j's first ones (see attend_item)
-        head_fetched = item_kv_end(p, tile) > (kSpreadAhead - 1) * p.block_size;
+        head_fetched = attend_item(p, tile, kv_head, scratch, j < num_items ? j : -1, head_fetched);
       }
       i = j;
     }
