@@ -243,30 +243,32 @@ void write_rows(const Problem& p, const float* c, int64_t m0, int64_t rows, int6
 void panels(const Problem& p, int64_t begin, int64_t end, int64_t first_group = 0,
             int64_t last_group = -1) {
   alignas(64) float c[kRowsAvx2 * 2 * kTileN];
-  [[maybe_unused]] const int64_t panel_bytes = 2 * p.kb * kTileElems * 2;
   const int64_t rows_end = last_group < 0 ? p.m : std::min(p.m, last_group * kGroupAvx2);
   for (int64_t g0 = first_group * kGroupAvx2; g0 < rows_end; g0 += kGroupAvx2) {
     const int64_t g1 = std::min(p.m, g0 + kGroupAvx2);
+    // the group in equal blocks of at most kRowsAvx2 rows (VDPBF16PS, 64 rows: 5 x 13, not
+    // 4 x 14 + 8)
+    const int64_t blocks = (g1 - g0 + kRowsAvx2 - 1) / kRowsAvx2;
+    const int64_t step = (g1 - g0 + blocks - 1) / blocks;
+#if defined(JPAGED_BF16_DPBF16)
+    // the blocks after the first fetch the next panel into L2, an equal share each spread over
+    // their k pairs (pf_lines lines a pair), so its first block does not wait on memory (M = 64,
+    // 30 layers: 32.8 vs 36.0 ms, linear_ab.py)
+    const int64_t pairs = p.kb * kTileK / 2, panel_lines = 2 * p.kb * kTileElems * 2 / 64;
+    const int pf_lines = blocks > 1 ? static_cast<int>(std::min<int64_t>(
+                                          4, (panel_lines + pairs * (blocks - 1) - 1) /
+                                                 (pairs * (blocks - 1))))
+                                    : 0;
+#endif
     for (int64_t i = begin; i < end; ++i) {
-      // the group in equal blocks of at most kRowsAvx2 rows (VDPBF16PS, 64 rows: 5 x 13, not
-      // 4 x 14 + 8)
-      const int64_t blocks = (g1 - g0 + kRowsAvx2 - 1) / kRowsAvx2;
-      const int64_t step = (g1 - g0 + blocks - 1) / blocks;
-      for (int64_t m0 = g0; m0 < g1; m0 += step) {
+      for (int64_t m0 = g0, s = 0; m0 < g1; m0 += step, ++s) {
         const int64_t rows = std::min(step, g1 - m0);
 #if defined(JPAGED_BF16_DPBF16)
-        // the blocks after the first fetch the next panel into L2, an equal share each spread
-        // over their k pairs, so its first block does not wait on memory (M = 64, 30 layers:
-        // 32.8 vs 36.0 ms, linear_ab.py)
-        const int64_t s = (m0 - g0) / step, pairs = p.kb * kTileK / 2;
-        const int pf_lines = blocks > 1 ? static_cast<int>(std::min<int64_t>(
-                                              4, (panel_bytes / 64 + pairs * (blocks - 1) - 1) /
-                                                     (pairs * (blocks - 1))))
-                                        : 0;
+        const int64_t first_line = (s - 1) * pairs * pf_lines;  // of the next panel
         const char* pf = nullptr;
-        if (s > 0 && i + 1 < end && (s - 1) * pairs * pf_lines * 64 < panel_bytes) {
+        if (s > 0 && i + 1 < end && first_line < panel_lines) {
           pf = reinterpret_cast<const char*>(p.w + 2 * (i + 1) * p.kb * kTileElems) +
-               (s - 1) * pairs * pf_lines * 64;
+               64 * first_line;
         }
         rows_dp(p, m0, rows, 2 * i, c, pf, pf_lines);
 #else
